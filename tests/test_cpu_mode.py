@@ -1,0 +1,296 @@
+"""CPU mode (``mhc_megatron.training.cpu``): Megatron's ``pretrain()`` end to end on CPU with gloo.
+
+Every end-to-end test launches ``tests/cpu_driver_plain_gpt.py`` (a plain GPT, no mHC) with
+torchrun on a tiny MoE model (2 layers, hidden 64, 4 heads, 4 experts top-2, sequence 64, micro
+batch 2, global batch 4, mock data). Each launch costs about 8-14 s on 2 cores (mostly start-up),
+so every launch checks several things.
+
+Loss comparisons between parallel layouts run without dropout and with
+``--use-cpu-initialization`` (weights are built whole and then split, so TP1 and TP2 start from
+the same model) and a vocabulary of 256 (padded to 256 for both TP1 and TP2). Logged losses are
+compared as printed (7 significant digits); with this much arithmetic the layouts agree to all of
+them, and any real mistake (an unreduced gradient, a wrong optimizer step) changes the second or
+third digit within a step or two.
+
+Megatron logs the first iteration of a process without resetting its loss accumulator
+(``training.py:2594``), so the second logged value of every process is the mean of its first
+two iterations. Comparisons use the first logged iteration of a run and the ones after its second.
+
+Each torchrun launch gets a free port, a hard timeout and its own process group, which is killed
+as a whole on timeout or failure: when one gloo rank dies the others wait forever.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DRIVER = REPO_ROOT / "tests" / "cpu_driver_plain_gpt.py"
+LAUNCH_TIMEOUT_S = 240
+
+# The flags a local-spec MoE model needs on CPU (no apex / TransformerEngine kernels here);
+# --no-bias-dropout-fusion only saves ~10 s of torch.compile per cold start.
+CPU_FLAGS = [
+    "--cpu",
+    "--transformer-impl", "local",
+    "--no-persist-layer-norm",
+    "--no-gradient-accumulation-fusion",
+    "--no-masked-softmax-fusion",
+    "--disable-bias-linear",
+    "--no-bias-dropout-fusion",
+]  # fmt: skip
+MODEL = [
+    "--num-layers", "2",
+    "--hidden-size", "64",
+    "--num-attention-heads", "4",
+    "--seq-length", "64",
+    "--max-position-embeddings", "64",
+    "--micro-batch-size", "2",
+    "--global-batch-size", "4",
+]  # fmt: skip
+MOE = ["--num-experts", "4", "--moe-router-topk", "2"]
+TRAINING = [
+    "--mock-data",
+    "--tokenizer-type", "NullTokenizer",
+    "--lr", "1e-3",
+    "--min-lr", "1e-4",
+    "--lr-decay-style", "cosine",
+    "--log-interval", "1",
+    "--eval-interval", "1000",
+    "--eval-iters", "1",
+    "--num-workers", "0",
+    "--seed", "1234",
+]  # fmt: skip
+# For comparing parallel layouts: identical initial weights, identical padded vocab, no dropout.
+SAME_MODEL = [
+    "--vocab-size", "256",
+    "--make-vocab-size-divisible-by", "128",
+    "--use-cpu-initialization",
+    "--hidden-dropout", "0",
+    "--attention-dropout", "0",
+]  # fmt: skip
+
+ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.E+-]+) \|")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(nproc: int, args: list[str], log: Path) -> str:
+    """Run the driver under torchrun; return its output, or fail the test with its tail.
+
+    The launch runs in its own session (process group); on timeout or failure the whole group
+    is killed, torchrun and every rank.
+    """
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port()),
+        str(DRIVER), *args,
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            if rc != 0:  # kill whatever is left of the group (ranks blocked in gloo)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+    text = log.read_text()
+    if rc != 0:
+        what = f"timed out after {LAUNCH_TIMEOUT_S} s" if rc is None else f"exited with {rc}"
+        pytest.fail(f"torchrun (nproc {nproc}) {what}; log {log}:\n{text[-6000:]}")
+    return text
+
+
+def _losses(text: str) -> dict[int, str]:
+    """``{iteration: lm loss as printed}`` from Megatron's ``iteration ... | lm loss: ...`` lines."""
+    return {int(it): loss for it, _, loss in ITERATION_RE.findall(text)}
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """nproc 1: 6 iterations with TensorBoard, a torch_dist checkpoint at 4 (and 6, at the end)."""
+    work = tmp_path_factory.mktemp("cpu_nproc1")
+    args = [
+        *CPU_FLAGS, *MODEL, *MOE, *TRAINING,
+        "--vocab-size", "257",
+        "--moe-token-dispatcher-type", "alltoall",
+        "--train-iters", "6",
+        "--save", str(work / "ckpt"),
+        "--save-interval", "4",
+        "--ckpt-format", "torch_dist",
+        "--tensorboard-dir", str(work / "tb"),
+    ]  # fmt: skip
+    text = _launch(1, args, work / "save.log")
+    return work, args, text
+
+
+def test_nproc1_trains_saves_and_logs(saved_run):
+    work, _, text = saved_run
+    losses = _losses(text)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6], text[-3000:]
+    assert float(losses[6]) < float(losses[1])
+    assert "> CPU mode: --distributed-backend nccl replaced by gloo" in text
+    assert "successfully saved checkpoint from iteration       4" in text
+    assert (work / "ckpt" / "iter_0000004" / "metadata.json").is_file()
+    assert "RNG state changed" not in text  # filtered: one generator plays both parts on CPU
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((work / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    accumulator = EventAccumulator(str(events[0]))
+    accumulator.Reload()
+    assert "lm loss" in accumulator.Tags()["scalars"]
+    assert [event.step for event in accumulator.Scalars("lm loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nproc1_resume_reproduces_the_uninterrupted_run(saved_run):
+    """Resuming at iteration 4 gives iteration 5 exactly as the uninterrupted run, dropout on."""
+    work, args, saved_text = saved_run
+    args = [a for a in args if a not in ("--tensorboard-dir", str(work / "tb"))]
+    args = [*args, "--load", str(work / "ckpt"), "--ckpt-step", "4"]
+    args[args.index("--save") + 1] = str(work / "ckpt_resumed")
+    text = _launch(1, args, work / "resume.log")
+    assert "successfully loaded checkpoint from" in text and "at iteration 4" in text
+    losses = _losses(text)
+    assert sorted(losses) == [5, 6], text[-3000:]
+    assert losses[5] == _losses(saved_text)[5]
+
+
+@pytest.fixture(scope="module")
+def tp2_sp_moe(tmp_path_factory):
+    """nproc 2: TP2 with sequence parallel, MoE with the alltoall dispatcher."""
+    work = tmp_path_factory.mktemp("cpu_tp2_sp")
+    args = [
+        *CPU_FLAGS, *MODEL, *MOE, *TRAINING, *SAME_MODEL,
+        "--moe-token-dispatcher-type", "alltoall",
+        "--tensor-model-parallel-size", "2",
+        "--sequence-parallel",
+        "--train-iters", "6",  # as in the DP2 run: the LR schedule depends on it
+    ]  # fmt: skip
+    return _launch(2, args, work / "run.log")
+
+
+@pytest.fixture(scope="module")
+def dp2_distributed_optimizer(tmp_path_factory):
+    """nproc 2: DP2 with the distributed optimizer; checkpoint at 2, then resumed from it."""
+    work = tmp_path_factory.mktemp("cpu_dp2_distopt")
+    args = [
+        *CPU_FLAGS, *MODEL, *MOE, *TRAINING, *SAME_MODEL,
+        "--moe-token-dispatcher-type", "alltoall",
+        "--use-distributed-optimizer",
+        "--train-iters", "6",
+        "--ckpt-format", "torch_dist",
+    ]  # fmt: skip
+    saved = _launch(
+        2, [*args, "--save", str(work / "ckpt"), "--save-interval", "2"], work / "save.log"
+    )
+    resumed = _launch(
+        2, [*args, "--load", str(work / "ckpt"), "--ckpt-step", "2"], work / "resume.log"
+    )
+    return saved, resumed
+
+
+def test_tp2_sequence_parallel_matches_dp2(tp2_sp_moe, dp2_distributed_optimizer):
+    """TP2+SP and DP2 compute the same single-model training run (the SP norm grads included)."""
+    tp_losses = _losses(tp2_sp_moe)
+    dp_losses = _losses(dp2_distributed_optimizer[0])
+    assert sorted(tp_losses) == [1, 2, 3, 4, 5, 6], tp2_sp_moe[-3000:]
+    assert tp_losses == dp_losses
+
+
+def test_dp2_distributed_optimizer_saves_and_resumes(dp2_distributed_optimizer):
+    saved, resumed = dp2_distributed_optimizer
+    assert "Storing distributed optimizer sharded state of type dp_reshardable" in saved
+    assert "successfully loaded checkpoint from" in resumed and "at iteration 2" in resumed
+    saved_losses, resumed_losses = _losses(saved), _losses(resumed)
+    assert sorted(resumed_losses) == [3, 4, 5, 6], resumed[-3000:]
+    # Iteration 3 is the first of the resumed process; 5 and 6 follow a reset accumulator.
+    for iteration in (3, 5, 6):
+        assert resumed_losses[iteration] == saved_losses[iteration], iteration
+
+
+@pytest.mark.parametrize(
+    "name, nproc, extra",
+    [
+        ("ep2_alltoall", 2, [*MOE, "--expert-model-parallel-size", "2",
+                             "--moe-token-dispatcher-type", "alltoall"]),
+        ("ep2_allgather", 2, [*MOE, "--expert-model-parallel-size", "2",
+                              "--moe-token-dispatcher-type", "allgather"]),
+        ("pp2", 2, [*MOE, "--pipeline-model-parallel-size", "2"]),
+        # Megatron itself requires sequence parallel for MoE with TP, so TP2 without SP is dense.
+        ("tp2_dense_no_sp", 2, ["--tensor-model-parallel-size", "2"]),
+    ],
+)  # fmt: skip
+def test_parallel_layout_trains(tmp_path, name, nproc, extra):
+    args = [*CPU_FLAGS, *MODEL, *TRAINING, "--vocab-size", "257", "--train-iters", "4", *extra]
+    text = _launch(nproc, args, tmp_path / f"{name}.log")
+    losses = _losses(text)
+    assert sorted(losses) == [1, 2, 3, 4], text[-3000:]
+    assert float(losses[4]) < float(losses[1]) < 7.0  # about ln(vocab) at the start
+
+
+def test_missing_data_path_fails_early(tmp_path):
+    """A --data-path prefix without .bin/.idx is reported before Megatron starts building."""
+    prefix = tmp_path / "corpus_text_document"
+    args = [*CPU_FLAGS, *MODEL, *TRAINING, "--vocab-size", "257", "--train-iters", "1"]
+    args = [a for a in args if a != "--mock-data"] + ["--data-path", str(prefix)]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=LAUNCH_TIMEOUT_S,
+        start_new_session=True,
+    )
+    assert proc.returncode != 0
+    assert f"{prefix}.bin" in proc.stderr and f"{prefix}.idx" in proc.stderr
+    assert "--mock-data" in proc.stderr
+    assert "initializing torch distributed" not in proc.stdout
+
+
+def test_enable_cpu_mode_refuses_other_megatron_core_versions(monkeypatch):
+    from mhc_megatron.training import cpu
+
+    monkeypatch.setattr(cpu, "_installed_megatron_core_version", lambda: "0.20.0")
+    with pytest.raises(RuntimeError, match=r"0\.19\.2") as excinfo:
+        cpu.enable_cpu_mode()
+    assert "0.20.0" in str(excinfo.value)
+    assert not cpu.is_cpu_mode_enabled() and cpu._patched == []
+
+
+def test_enable_cpu_mode_refuses_once_cuda_is_initialized(monkeypatch):
+    import torch
+
+    from mhc_megatron.training import cpu
+
+    monkeypatch.setattr(cpu, "_installed_megatron_core_version", lambda: "0.19.2")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="before anything uses CUDA"):
+        cpu.enable_cpu_mode()
+    assert not cpu.is_cpu_mode_enabled() and cpu._patched == []
