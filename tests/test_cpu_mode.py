@@ -36,14 +36,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DRIVER = REPO_ROOT / "tests" / "cpu_driver_plain_gpt.py"
 LAUNCH_TIMEOUT_S = 240
 
-# The flags a local-spec MoE model needs on CPU (no apex / TransformerEngine kernels here);
-# --no-bias-dropout-fusion only saves ~10 s of torch.compile per cold start.
+# The flags a local-spec MoE model needs on CPU (no apex / TransformerEngine kernels here; see
+# mhc_megatron/training/cpu.py); --no-bias-dropout-fusion only saves ~10 s of torch.compile per
+# cold start.
 CPU_FLAGS = [
     "--cpu",
     "--transformer-impl", "local",
     "--no-persist-layer-norm",
     "--no-gradient-accumulation-fusion",
-    "--no-masked-softmax-fusion",
     "--disable-bias-linear",
     "--no-bias-dropout-fusion",
 ]  # fmt: skip
@@ -126,7 +126,7 @@ def _launch(nproc: int, args: list[str], log: Path) -> str:
 
 
 def _losses(text: str) -> dict[int, str]:
-    """``{iteration: lm loss as printed}`` from Megatron's ``iteration ... | lm loss: ...`` lines."""
+    """``{iteration: lm loss as printed}`` from Megatron's ``iteration ... | lm loss:`` lines."""
     return {int(it): loss for it, _, loss in ITERATION_RE.findall(text)}
 
 
@@ -272,6 +272,47 @@ def test_missing_data_path_fails_early(tmp_path):
     assert f"{prefix}.bin" in proc.stderr and f"{prefix}.idx" in proc.stderr
     assert "--mock-data" in proc.stderr
     assert "initializing torch distributed" not in proc.stdout
+
+
+CUDA_REQUESTS_SCRIPT = """
+import os, torch
+from mhc_megatron.training import cpu
+cpu.enable_cpu_mode()
+n_patches = len(cpu._patched)
+cpu.enable_cpu_mode()  # idempotent
+assert len(cpu._patched) == n_patches
+assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+assert not torch.cuda.is_available() and torch.cuda.device_count() == 0
+devices = [
+    torch.zeros(2, device="cuda").device,
+    torch.empty(2, device=torch.device("cuda", torch.cuda.current_device())).device,
+    torch.ones(2).cuda().device,
+    torch.ones(2).to("cuda:0").device,
+    torch.ones(2).to(device="cuda").device,
+    torch.nn.Linear(2, 2).cuda().weight.device,
+]
+assert all(d.type == "cpu" for d in devices), devices
+torch.cuda.synchronize()
+stream = torch.cuda.Stream()
+with torch.cuda.stream(stream):
+    stream.wait_stream(torch.cuda.current_stream())
+stream.record_event().synchronize()
+print("OK")
+"""
+
+
+def test_cpu_mode_maps_cuda_requests_to_cpu():
+    """In CPU mode, CUDA device requests land on the CPU and CUDA reports no device."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", CUDA_REQUESTS_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=LAUNCH_TIMEOUT_S,
+        start_new_session=True,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
 
 
 def test_enable_cpu_mode_refuses_other_megatron_core_versions(monkeypatch):

@@ -14,7 +14,7 @@ Line numbers are those of the 0.19.2 wheel (``megatron/core/...``, ``megatron/tr
 torch.cuda entry points Megatron calls (replaced on ``torch.cuda``):
     ``is_available`` -> False and ``device_count`` -> 0, so torch and Megatron take their CPU
     paths; ``current_device`` -> 0 (used as ``device=`` in ~200 places, e.g.
-    ``core/utils.py:2280``; the mode below maps it to the CPU); ``set_device``, ``synchronize``
+    ``core/utils.py:2275``; the mode below maps it to the CPU); ``set_device``, ``synchronize``
     (``core/timers.py:152,165``), ``empty_cache`` -> no-ops; ``Stream``/``Event``/
     ``current_stream``/``default_stream``/``stream`` -> in-order CPU stand-ins
     (``training/training.py:1876`` DDP stream, ``moe/token_dispatcher.py:469`` the alltoall
@@ -54,7 +54,7 @@ torch.cuda entry points Megatron calls (replaced on ``torch.cuda``):
   ships the compiled ``helpers_cpp``: replaced by an import check.
 * ``training/arguments.py:1414`` ``get_device_arch_version()`` reads GPU 0's properties (when TP
   or CP > 1): returns 0 (no GPU architecture), and ``CUDA_DEVICE_MAX_CONNECTIONS`` defaults to 1
-  to satisfy the check that follows (``arguments.py:1423``; meaningless on CPU).
+  to satisfy the check that follows (``arguments.py:1437``; meaningless on CPU).
 * ``tensor_parallel/random.py:104,135`` ``_get_cuda_rng_state``/``_set_cuda_rng_state`` use the
   CUDA default generators directly: they read/write the CPU generator. The tracker's warning
   "CPU RNG state changed within GPU RNG context" (``random.py:331-333``) is then expected (the
@@ -88,7 +88,7 @@ torch.cuda entry points Megatron calls (replaced on ``torch.cuda``):
   optimizer failed: an empty state gives the layout of ``:865-883`` with step 0 (replaced by the
   loaded value). ``:1223-1225`` copies loaded values into fp32 main parameters, which are views
   of leaf parameters, outside ``no_grad`` (error), and copies the load template's placeholder
-  ``step`` over the loaded one (``:1951-1955`` makes it a non-persistent object): runs under
+  ``step`` over the loaded one (``:1953-1957`` makes it a non-persistent object): runs under
   ``no_grad`` and skips ``step``, which ``load_state_dict`` restores from the param groups
   (``:1024-1031``). ``:1030-1031`` gives every parameter the same ``step`` tensor, which Adam
   then increments once per parameter: each parameter gets its own copy after loading.
@@ -103,11 +103,14 @@ default when ``DistributedOptimizer.sharded_state_dict`` is called without
 ``metadata["distrib_optim_sharding_type"]`` (``distrib_optimizer.py:1509-1511``); pass
 ``dp_reshardable`` there.
 
-Flags a local-spec model needs on CPU (apex/TE fused kernels do not exist here):
-``--transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion
---no-masked-softmax-fusion`` and, with MoE, ``--disable-bias-linear`` (experts with biases are
-unsupported). ``--no-bias-dropout-fusion`` is optional but saves about 10 s of inductor
-compilation per cold start.
+Flags a local-spec model needs on CPU (no apex or TransformerEngine here), each found by
+removing it: ``--transformer-impl local`` (else the TE spec fails to build),
+``--no-persist-layer-norm`` (``torch_norm.py:48``), ``--no-gradient-accumulation-fusion``
+(apex's ``fused_weight_gradient_mlp_cuda``) and, with MoE, ``--disable-bias-linear`` (expert
+bias+GeLU fusion is refused). ``--no-masked-softmax-fusion`` is not needed on CPU (Megatron falls
+back to the torch softmax when the fused kernel is unavailable) but is on a GPU without apex.
+``--no-bias-dropout-fusion`` is optional; it saves about 10 s of torch.compile/inductor work per
+cold start.
 """
 
 from __future__ import annotations

@@ -357,7 +357,8 @@ def train_valid_test_datasets_provider(
     check_data_paths(args)
     if args.sft or args.fim_data:
         raise NotImplementedError(
-            "mhc_megatron's GPT step builds GPTDataset / MockGPTDataset only; drop --sft/--fim-data."
+            "mhc_megatron's GPT step builds GPTDataset / MockGPTDataset only; "
+            "drop --sft and --fim-data."
         )
     config = core_gpt_dataset_config_from_args(args)
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset

@@ -1,0 +1,78 @@
+"""A TransformerLayer whose attention and MLP/MoE residuals are both mHC sites."""
+
+import torch
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.utils import make_viewless_tensor
+
+from mhc_megatron import ops
+from mhc_megatron.megatron.site import MHCSite
+
+
+def get_bias_dropout(training: bool, fused: bool):
+    """Replacement for Megatron's ``get_bias_dropout_add`` that does not add the residual.
+
+    The stock layer computes ``residual + dropout(out + bias)`` in its ``*_bda`` slots; in the
+    mHC layer the site's post+residual mix takes the residual's place, so the slot returns
+    ``dropout(out + bias)`` alone. A plain function, so ``build_module`` hands it over unchanged.
+
+    Args:
+        training: apply dropout.
+        fused: ignored (Megatron's fused variant also adds the residual).
+    """
+    del fused
+
+    def bias_dropout(x_with_bias, residual, prob):
+        del residual
+        out, bias = x_with_bias
+        if bias is not None:
+            out = out + bias
+        return torch.nn.functional.dropout(out, p=prob, training=training)
+
+    return bias_dropout
+
+
+class MHCTransformerLayer(TransformerLayer):
+    """Megatron's TransformerLayer with both residual adds replaced by mHC sites.
+
+    Per site (spec eq. 3): coefficients from the streams, branch input
+    ``u = sum_j h_pre[j] x[j]``, the stock branch (its own pre-norm, attention or MLP/MoE, bias
+    and dropout), then ``x_next[i] = sum_j H_res[i, j] x[j] + h_post[i] y``. Everything inside
+    the branches (TE-fused norms, selective recompute, MoE dispatch, TP/SP) is Megatron's own:
+    this class only wraps ``_forward_attention`` and ``_forward_mlp``.
+    """
+
+    def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs):
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
+        layer_index = self.layer_number - 1
+        self.self_attention_hyper_connection = MHCSite(config, layer_index)
+        self.mlp_hyper_connection = MHCSite(config, layer_index)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        """One layer on the n-stream residual.
+
+        Args:
+            hidden_states: ``[s, b, n*C]`` streams (s is s/tp under sequence parallelism).
+            **kwargs: what TransformerBlock passes to every layer (attention_mask,
+                rotary_pos_emb, inference_context, packed_seq_params, padding_mask, ...).
+
+        Returns:
+            ``([s, b, n*C] new streams, context)``.
+        """
+        n, c = self.config.mhc_num_streams, self.config.hidden_size
+        x = hidden_states.unflatten(-1, (n, c))
+
+        h_pre, h_post, h_res = self.self_attention_hyper_connection(x)
+        attention_out, context = self._forward_attention(ops.mhc_pre(x, h_pre), **kwargs)
+        x = ops.mhc_post_res(x, attention_out, h_post, h_res)
+
+        h_pre, h_post, h_res = self.mlp_hyper_connection(x)
+        mlp_out = self._forward_mlp(
+            ops.mhc_pre(x, h_pre),
+            kwargs.get("inference_context"),
+            padding_mask=kwargs.get("padding_mask"),
+            packed_seq_params=kwargs.get("packed_seq_params"),
+        )
+        x = ops.mhc_post_res(x, mlp_out, h_post, h_res)
+
+        output = make_viewless_tensor(x.flatten(-2), requires_grad=True, keep_graph=True)
+        return output, context

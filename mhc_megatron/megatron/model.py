@@ -1,0 +1,99 @@
+"""The mHC GPT model, its Megatron model config and builder (the model provider)."""
+
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
+
+from mhc_megatron import ops
+from mhc_megatron.megatron.config import MHCConfigError, MHCTransformerConfig
+from mhc_megatron.megatron.specs import get_mhc_decoder_block_spec
+
+
+class MHCGPTModel(GPTModel):
+    """GPTModel whose decoder runs on n residual streams.
+
+    The only change to GPTModel: on the first pipeline stage the embedding output
+    ``[s, b, C]`` is copied into ``[s, b, n*C]`` (spec section 2). The layers and the collapse
+    come from the spec (get_mhc_decoder_block_spec).
+    """
+
+    def _preprocess(self, *args, **kwargs):
+        outputs = super()._preprocess(*args, **kwargs)
+        decoder_input = outputs[0]
+        if self.pre_process and decoder_input is not None and self.config.mhc_enabled:
+            n = self.config.mhc_num_streams
+            decoder_input = ops.expand_streams(decoder_input, n).flatten(-2)
+            outputs = (decoder_input, *outputs[1:])
+        return outputs
+
+
+def mhc_layer_spec(model_config: "MHCGPTModelConfig", vp_stage: int | None = None):
+    """``GPTModelConfig.transformer_layer_spec`` callable: the mHC decoder block spec."""
+    return get_mhc_decoder_block_spec(model_config.transformer, vp_stage=vp_stage)
+
+
+@dataclass(kw_only=True)
+class MHCGPTModelConfig(GPTModelConfig):
+    """GPTModelConfig that builds MHCGPTModel (only the builder differs)."""
+
+    builder: ClassVar[str] = "mhc_megatron.megatron.model.MHCGPTModelBuilder"
+
+
+class MHCGPTModelBuilder(GPTModelBuilder):
+    """Builds MHCGPTModel stages for Megatron's ``pretrain()``; residual variant: GPTModel."""
+
+    def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
+        """Builds one model stage (see GPTModelBuilder.build_model)."""
+        transformer = self._model_config.transformer
+        if not isinstance(transformer, MHCTransformerConfig):
+            raise MHCConfigError(
+                f"MHCGPTModelBuilder needs an MHCTransformerConfig, got {type(transformer).__name__}"
+                "; build it with mhc_megatron.megatron.config.to_mhc_config"
+            )
+        if self._model_config.transformer_layer_spec is None:
+            self._model_config.transformer_layer_spec = mhc_layer_spec
+        model = super().build_model(pg_collection, pre_process, post_process, vp_stage)
+        if transformer.mhc_enabled:
+            # GPTModelBuilder hard-codes GPTModel (megatron/training/models/gpt.py, 0.19.2);
+            # MHCGPTModel adds no state and only overrides _preprocess, so the built instance
+            # is re-classed instead of copying the builder's 60 lines.
+            model.__class__ = MHCGPTModel
+        return model
+
+
+def build_mhc_gpt_model(
+    config: MHCTransformerConfig,
+    vocab_size: int,
+    max_sequence_length: int,
+    pre_process: bool = True,
+    post_process: bool = True,
+    **gpt_kwargs,
+) -> torch.nn.Module:
+    """Builds one model stage directly (tests, notebooks), without ``pretrain()``.
+
+    Args:
+        config: MHCTransformerConfig; variant residual gives a plain GPTModel.
+        vocab_size: padded vocabulary size.
+        max_sequence_length: s.
+        pre_process: this stage holds the embedding (and expands).
+        post_process: this stage holds the final norm (and collapses) and the output layer.
+        **gpt_kwargs: further GPTModel arguments (position_embedding_type, ...).
+    """
+    model_cls = MHCGPTModel if config.mhc_enabled else GPTModel
+    allowed = inspect.signature(GPTModel.__init__).parameters
+    unknown = set(gpt_kwargs) - set(allowed)
+    if unknown:
+        raise TypeError(f"unknown GPTModel arguments: {sorted(unknown)}")
+    return model_cls(
+        config=config,
+        transformer_layer_spec=get_mhc_decoder_block_spec(config),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        **gpt_kwargs,
+    )

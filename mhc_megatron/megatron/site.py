@@ -1,0 +1,116 @@
+"""The mHC site: the parameters and coefficients of one attention or MLP/MoE residual."""
+
+import math
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from mhc_megatron import ops
+from mhc_megatron.megatron.config import MHCTransformerConfig
+
+# Off-diagonal static res logit of the residual-equivalent init: exp(-12) * (n - 1) < 1e-4 for
+# n <= 8, so H_res is the identity to within the spec's 1e-4.
+RESIDUAL_INIT_OFF_DIAGONAL = -12.0
+
+
+def static_logit_init(
+    variant: str, init: str, n: int, layer_index: int
+) -> torch.Tensor:
+    """Initial ``base [n*n + 2n]`` (order ``[pre | post | res]``) of a site.
+
+    Args:
+        variant: ``hc`` or ``mhc``.
+        init: ``paper`` or ``residual``.
+        n: number of streams.
+        layer_index: 0-based global index of the layer (HC's paper init reads stream
+            ``layer_index mod n``).
+
+    Returns:
+        ``[n*n + 2n]`` fp32.
+    """
+    pre, post, res = torch.zeros(n), torch.zeros(n), torch.zeros(n, n)
+    if variant == "mhc":
+        if init == "residual":
+            # h_pre = 1/n (for n = 1, sigmoid(13.8) = 1 - 1e-6), h_post = 2*sigmoid(0) = 1,
+            # H_res = I.
+            pre.fill_(math.log(1 / (n - 1)) if n > 1 else 13.8)
+            res.fill_(RESIDUAL_INIT_OFF_DIAGONAL).fill_diagonal_(0.0)
+        # paper: the paper specifies only alpha; all static logits start at 0 (h_pre = 1/2,
+        # h_post = 1, H_res = 1/n everywhere).
+    else:  # hc: h = alpha * tanh(.) + b, so b is the value itself.
+        post.fill_(1.0)
+        res = torch.eye(n)
+        if init == "residual":
+            pre.fill_(1.0 / n)
+        else:  # HC paper: the branch reads stream (layer mod n).
+            pre[layer_index % n] = 1.0
+    return torch.cat([pre, post, res.flatten()])
+
+
+class KeepFP32Module(MegatronModule):
+    """A module whose fp32 parameters stay fp32 when the model is cast to bf16/fp16.
+
+    Megatron's Float16Module casts the whole model; the spec keeps mHC parameters in fp32 (the
+    coefficients are computed in fp32 from logits where bf16's 8 bits would be coarse).
+    """
+
+    def _apply(self, fn, recurse=True):
+        def keep_fp32(t):
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype in (torch.float16, torch.bfloat16):
+                return out.float()
+            return out
+
+        return super()._apply(keep_fp32, recurse)
+
+
+class MHCSite(KeepFP32Module):
+    """Parameters and coefficient computation of one site (spec section 1).
+
+    Parameters (fp32): ``fn [n*n + 2n, n*C]``, ``base [n*n + 2n]``, ``scale [3]``.
+
+    Args:
+        config: the model's MHCTransformerConfig (variant hc or mhc).
+        layer_index: 0-based global layer index (for HC's paper init).
+    """
+
+    def __init__(self, config: MHCTransformerConfig, layer_index: int):
+        super().__init__(config=config)
+        n, c = config.mhc_num_streams, config.hidden_size
+        self.num_streams = n
+        device = "cpu" if config.use_cpu_initialization else None
+        self.fn = torch.nn.Parameter(torch.empty(n * n + 2 * n, n * c, device=device))
+        self.base = torch.nn.Parameter(
+            static_logit_init(config.mhc_variant, config.mhc_init, n, layer_index).to(
+                self.fn.device
+            )
+        )
+        self.scale = torch.nn.Parameter(
+            torch.full((3,), float(config.mhc_gating_init), device=self.fn.device)
+        )
+        if config.perform_initialization:
+            config.init_method(self.fn)
+        for param in self.parameters():
+            # Replicated over TP; under sequence parallelism each TP rank sees other tokens, so
+            # finalize_model_grads must sum these gradients over the TP group.
+            param.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Coefficients of every token.
+
+        Args:
+            x: ``[s, b, n, C]`` streams.
+
+        Returns:
+            ``(h_pre [s, b, n], h_post [s, b, n], h_res [s, b, n, n])`` fp32.
+        """
+        if self.config.mhc_variant == "hc":
+            return ops.hc_coefficients(x, self.fn, self.base, self.scale, eps=self.config.mhc_eps)
+        return ops.mhc_coefficients(
+            x,
+            self.fn,
+            self.base,
+            self.scale,
+            iters=self.config.mhc_sinkhorn_iters,
+            eps=self.config.mhc_eps,
+        )

@@ -1,0 +1,53 @@
+"""Pretrain a GPT / Mixture-of-Experts model with mHC residuals on Megatron-Core 0.19.2.
+
+Megatron's usual arguments keep their meaning; mHC adds ``--mhc-*`` (see ``--help``) and
+``--cpu`` (run on CPU with gloo). Example: ``examples/tiny/train.sh``.
+
+The ``__main__`` guard matters: ``dist_checkpointing`` saves through a spawned multiprocessing
+Manager, which re-imports this script.
+"""
+
+import sys
+
+from mhc_megatron.training.cpu import enable_cpu_mode
+
+
+def main() -> None:
+    """Parse the arguments and run Megatron's pretrain() on the mHC GPT model."""
+    if "--cpu" in sys.argv:
+        # Before parsing: validating tensor-parallel arguments already queries the GPU.
+        enable_cpu_mode()
+
+    import torch
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import (
+        gpt_config_from_args,
+        pretrain_cfg_container_from_args,
+    )
+    from megatron.training.arguments import parse_and_validate_args
+
+    from mhc_megatron.megatron.model import MHCGPTModelConfig, mhc_layer_spec
+    from mhc_megatron.training import gpt_step
+    from mhc_megatron.training.arguments import add_mhc_args, mhc_transformer_config_from_args
+
+    args = parse_and_validate_args(extra_args_provider=add_mhc_args)
+    gpt_step.check_data_paths(args)
+    config = mhc_transformer_config_from_args(args)
+    model_cfg = gpt_config_from_args(args, config=config, model_config_cls=MHCGPTModelConfig)
+    if model_cfg.transformer_layer_spec is None:  # --spec given: the user's spec wins
+        model_cfg.transformer_layer_spec = mhc_layer_spec
+    cfg_container = pretrain_cfg_container_from_args(args, model_cfg)
+    pretrain(
+        cfg_container,
+        gpt_step.train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        gpt_step.forward_step,
+    )
+    # Left to static destructors, gloo's threads sometimes abort the process at exit.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
