@@ -1,0 +1,175 @@
+"""The mHC GPT model in one process on CPU: equivalence with the plain GPTModel, gradients,
+dtypes and the configuration errors."""
+
+import os
+import socket
+
+import pytest
+import torch
+
+from mhc_megatron.training.cpu import enable_cpu_mode
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_rank():
+    enable_cpu_mode()
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    created = not dist.is_initialized()
+    if created:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(123)
+    yield
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
+
+
+def _config(**overrides):
+    from mhc_megatron.megatron import MHCTransformerConfig
+
+    settings = dict(
+        num_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        use_cpu_initialization=True,
+        transformer_impl="local",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=False,
+        bias_dropout_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        normalization="RMSNorm",
+    )
+    settings.update(overrides)
+    return MHCTransformerConfig(**settings)
+
+
+MOE = dict(
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_layer_freq=[0, 1, 1],  # one leading dense layer, as the paper's models
+    moe_ffn_hidden_size=32,
+    moe_token_dispatcher_type="alltoall",
+)
+
+
+def _build(config):
+    from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+
+    from mhc_megatron.megatron import build_mhc_gpt_model
+
+    # A second MoE forward/backward in one process trips over the scale left by the first.
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    return build_mhc_gpt_model(
+        config, vocab_size=64, max_sequence_length=16, position_embedding_type="rope"
+    )
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (2, 16), generator=gen)
+    return ids, torch.arange(16).expand(2, 16)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_residual_init_matches_plain_gpt(moe):
+    """Spec section 4: scale 0, residual init and mean collapse compute the plain model."""
+    extra = MOE if moe else {}
+    torch.manual_seed(0)
+    plain = _build(_config(mhc_variant="residual", **extra)).eval()
+    mhc = _build(
+        _config(mhc_variant="mhc", mhc_init="residual", mhc_collapse="mean", **extra)
+    ).eval()
+    state = {
+        k.replace("decoder.final_layernorm.", "decoder.final_layernorm.norm."): v
+        for k, v in plain.state_dict().items()
+    }
+    result = mhc.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys and all("hyper_connection" in k for k in result.missing_keys)
+    for name, param in mhc.named_parameters():
+        if name.endswith("hyper_connection.scale"):
+            param.data.zero_()
+        if name.endswith("hyper_connection.fn"):
+            param.data.normal_()  # irrelevant at scale 0: proves no other path reads fn
+    ids, pos = _inputs()
+    with torch.no_grad():
+        expected = plain(ids, pos, None)
+        actual = mhc(ids, pos, None)
+    # 1e-4 relative (spec section 4): the eps terms (h_pre = 1/n + eps, Sinkhorn's + eps) scale
+    # the branch input by 1 + O(n * eps) before a norm that removes scale up to its own eps.
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+    # And the streams do matter once the mixing differs from the identity:
+    for name, param in mhc.named_parameters():
+        if name.endswith("hyper_connection.scale"):
+            param.data.fill_(1.0)
+    with torch.no_grad():
+        assert not torch.allclose(mhc(ids, pos, None), expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["hc", "mhc"])
+@pytest.mark.parametrize("collapse", ["head", "mean"])
+def test_every_parameter_gets_a_gradient(variant, collapse):
+    model = _build(_config(mhc_variant=variant, mhc_collapse=collapse, **MOE)).train()
+    ids, pos = _inputs()
+    labels = torch.roll(ids, -1, dims=1)
+    loss = model(ids, pos, None, labels=labels).float().mean()
+    loss.backward()
+    names = {n for n, _ in model.named_parameters()}
+    assert any("mlp_hyper_connection.fn" in n for n in names)
+    if collapse == "head":
+        assert "decoder.final_layernorm.head_fn" in names
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing, f"no gradient reached {missing}"
+
+
+def test_mhc_parameters_stay_fp32_under_bf16():
+    model = _build(_config(mhc_variant="mhc")).bfloat16()
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["decoder.layers.0.self_attention_hyper_connection.fn"] == torch.float32
+    assert dtypes["decoder.final_layernorm.head_scale"] == torch.float32
+    assert dtypes["embedding.word_embeddings.weight"] == torch.bfloat16
+
+
+def test_hc_paper_init_reads_one_stream_per_layer():
+    from mhc_megatron.megatron.site import static_logit_init
+
+    base = static_logit_init("hc", "paper", n=4, layer_index=6)
+    assert base[:4].tolist() == [0, 0, 1, 0] and base[4:8].tolist() == [1, 1, 1, 1]
+    assert torch.equal(base[8:].view(4, 4), torch.eye(4))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(mhc_variant="hyper"), "mhc_variant='hyper' is unknown; use one of residual, hc"),
+        (dict(mhc_num_streams=0), "mhc_num_streams=0 must be an integer >= 1"),
+        (dict(hidden_size=30), "hidden_size=30 is not a multiple of num_attention_heads=4"),
+        (dict(mhc_sinkhorn_iters=0), "--mhc-sinkhorn-iters"),
+        (dict(mhc_backend="triton"), "use --mhc-backend torch"),
+        (dict(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32), "--pipeline-model-parallel-size 1"),
+        (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+         "recompute-granularity full"),
+        (dict(fp32_residual_connection=True), "drop the flag"),
+    ],
+)
+def test_bad_configs_say_what_to_change(overrides, message):
+    from mhc_megatron.megatron import MHCConfigError
+
+    with pytest.raises(MHCConfigError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        _config(**overrides)
