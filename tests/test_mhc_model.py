@@ -162,9 +162,14 @@ def test_hc_paper_init_reads_one_stream_per_layer():
         (dict(hidden_size=30), "hidden_size=30 is not a multiple of num_attention_heads=4"),
         (dict(mhc_sinkhorn_iters=0), "--mhc-sinkhorn-iters"),
         (dict(mhc_backend="triton"), "use --mhc-backend torch"),
-        (dict(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32), "--pipeline-model-parallel-size 1"),
-        (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-         "recompute-granularity full"),
+        (
+            dict(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32),
+            "--pipeline-model-parallel-size 1",
+        ),
+        (
+            dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+            "recompute-granularity full",
+        ),
         (dict(fp32_residual_connection=True), "drop the flag"),
     ],
 )

@@ -74,25 +74,45 @@ class MHCTransformerConfig(TransformerConfig):
 
     def _check_mhc_fields(self) -> None:
         checks = [
-            (self.mhc_variant in VARIANTS, f"mhc_variant={self.mhc_variant!r} is unknown; use one "
-             f"of {', '.join(VARIANTS)} (--mhc-variant)"),
-            (isinstance(self.mhc_num_streams, int) and self.mhc_num_streams >= 1,
-             f"mhc_num_streams={self.mhc_num_streams} must be an integer >= 1 "
-             "(--mhc-num-streams; the paper uses 4)"),
-            (self.mhc_sinkhorn_iters >= 1,
-             f"mhc_sinkhorn_iters={self.mhc_sinkhorn_iters} must be >= 1 (--mhc-sinkhorn-iters)"),
+            (
+                self.mhc_variant in VARIANTS,
+                f"mhc_variant={self.mhc_variant!r} is unknown; use one "
+                f"of {', '.join(VARIANTS)} (--mhc-variant)",
+            ),
+            (
+                isinstance(self.mhc_num_streams, int) and self.mhc_num_streams >= 1,
+                f"mhc_num_streams={self.mhc_num_streams} must be an integer >= 1 "
+                "(--mhc-num-streams; the paper uses 4)",
+            ),
+            (
+                self.mhc_sinkhorn_iters >= 1,
+                f"mhc_sinkhorn_iters={self.mhc_sinkhorn_iters} must be >= 1 (--mhc-sinkhorn-iters)",
+            ),
             (self.mhc_eps > 0, f"mhc_eps={self.mhc_eps} must be > 0 (--mhc-eps; default 1e-6)"),
-            (self.mhc_gating_init >= 0,
-             f"mhc_gating_init={self.mhc_gating_init} must be >= 0 (--mhc-gating-init)"),
-            (self.mhc_init in INITS,
-             f"mhc_init={self.mhc_init!r} is unknown; use one of {', '.join(INITS)} (--mhc-init)"),
-            (self.mhc_collapse in COLLAPSES, f"mhc_collapse={self.mhc_collapse!r} is unknown; "
-             f"use one of {', '.join(COLLAPSES)} (--mhc-collapse)"),
-            (self.mhc_backend in BACKENDS, f"mhc_backend={self.mhc_backend!r} is unknown; use one "
-             f"of {', '.join(BACKENDS)} (--mhc-backend)"),
-            (self.mhc_backend != "triton",
-             "mhc_backend='triton': the fused Triton kernels are not part of this release yet; "
-             "use --mhc-backend torch (or auto)"),
+            (
+                self.mhc_gating_init >= 0,
+                f"mhc_gating_init={self.mhc_gating_init} must be >= 0 (--mhc-gating-init)",
+            ),
+            (
+                self.mhc_init in INITS,
+                f"mhc_init={self.mhc_init!r} is unknown; "
+                f"use one of {', '.join(INITS)} (--mhc-init)",
+            ),
+            (
+                self.mhc_collapse in COLLAPSES,
+                f"mhc_collapse={self.mhc_collapse!r} is unknown; "
+                f"use one of {', '.join(COLLAPSES)} (--mhc-collapse)",
+            ),
+            (
+                self.mhc_backend in BACKENDS,
+                f"mhc_backend={self.mhc_backend!r} is unknown; use one "
+                f"of {', '.join(BACKENDS)} (--mhc-backend)",
+            ),
+            (
+                self.mhc_backend != "triton",
+                "mhc_backend='triton': the fused Triton kernels are not part of this release yet; "
+                "use --mhc-backend torch (or auto)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -101,29 +121,44 @@ class MHCTransformerConfig(TransformerConfig):
     def _check_megatron_features(self) -> None:
         """Megatron features whose code paths bypass or mis-size the n-stream residual."""
         refused = [
-            (self.pipeline_model_parallel_size > 1,
-             "pipeline parallelism: the p2p buffers are sized [s, b, hidden_size] but mHC sends "
-             "[s, b, n*hidden_size]; use --pipeline-model-parallel-size 1"),
-            (bool(self.mtp_num_layers),
-             "multi-token prediction; drop --mtp-num-layers"),
-            (self.recompute_granularity == "full",
-             "--recompute-granularity full (not yet verified with n streams); use selective"),
-            (self.fp32_residual_connection,
-             "--fp32-residual-connection (the mHC streams keep the activation dtype and the mix "
-             "runs in fp32 already); drop the flag"),
-            (self.fused_residual_rmsnorm,
-             "fused residual RMSNorm (it returns the residual it adds, which mHC replaces); "
-             "drop --fused-residual-rmsnorm"),
-            (self.cuda_graph_impl != "none",
-             "CUDA graphs (their static inputs are hidden_size wide and TE partial graphs call the "
-             "MLP without the mHC site); use --cuda-graph-impl none"),
-            (self.overlap_moe_expert_parallel_comm,
-             "--overlap-moe-expert-parallel-comm (its fine-grained callables call mlp_bda with "
-             "the residual directly); drop the flag"),
-            (self.fine_grained_activation_offloading or self.cpu_offloading,
-             "activation offloading (it releases the residual mHC still needs); drop the flag"),
-            (self.inference_fuse_tp_communication,
-             "inference_fuse_tp_communication (it adds the residual inside attention)"),
+            (
+                self.pipeline_model_parallel_size > 1,
+                "pipeline parallelism: the p2p buffers are sized [s, b, hidden_size] but mHC sends "
+                "[s, b, n*hidden_size]; use --pipeline-model-parallel-size 1",
+            ),
+            (bool(self.mtp_num_layers), "multi-token prediction; drop --mtp-num-layers"),
+            (
+                self.recompute_granularity == "full",
+                "--recompute-granularity full (not yet verified with n streams); use selective",
+            ),
+            (
+                self.fp32_residual_connection,
+                "--fp32-residual-connection (the mHC streams keep the activation dtype and the mix "
+                "runs in fp32 already); drop the flag",
+            ),
+            (
+                self.fused_residual_rmsnorm,
+                "fused residual RMSNorm (it returns the residual it adds, which mHC replaces); "
+                "drop --fused-residual-rmsnorm",
+            ),
+            (
+                self.cuda_graph_impl != "none",
+                "CUDA graphs (their static inputs are hidden_size wide and TE partial graphs "
+                "call the MLP without the mHC site); use --cuda-graph-impl none",
+            ),
+            (
+                self.overlap_moe_expert_parallel_comm,
+                "--overlap-moe-expert-parallel-comm (its fine-grained callables call mlp_bda with "
+                "the residual directly); drop the flag",
+            ),
+            (
+                self.fine_grained_activation_offloading or self.cpu_offloading,
+                "activation offloading (it releases the residual mHC still needs); drop the flag",
+            ),
+            (
+                self.inference_fuse_tp_communication,
+                "inference_fuse_tp_communication (it adds the residual inside attention)",
+            ),
         ]
         for bad, what in refused:
             if bad:
@@ -148,8 +183,10 @@ def to_mhc_config(config: TransformerConfig, **mhc_settings) -> MHCTransformerCo
     --multi-latent-attention whatever class it is given, so the mHC class is chosen here from
     the config it returned.
     """
-    cls = MHCMLATransformerConfig if isinstance(config, MLATransformerConfig) else (
-        MHCTransformerConfig
+    cls = (
+        MHCMLATransformerConfig
+        if isinstance(config, MLATransformerConfig)
+        else (MHCTransformerConfig)
     )
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     values.update(mhc_settings)

@@ -51,8 +51,9 @@ class MHCGPTModelBuilder(GPTModelBuilder):
         transformer = self._model_config.transformer
         if not isinstance(transformer, MHCTransformerConfig):
             raise MHCConfigError(
-                f"MHCGPTModelBuilder needs an MHCTransformerConfig, got {type(transformer).__name__}"
-                "; build it with mhc_megatron.megatron.config.to_mhc_config"
+                "MHCGPTModelBuilder needs an MHCTransformerConfig, got "
+                f"{type(transformer).__name__}; build it with "
+                "mhc_megatron.megatron.config.to_mhc_config"
             )
         if self._model_config.transformer_layer_spec is None:
             self._model_config.transformer_layer_spec = mhc_layer_spec

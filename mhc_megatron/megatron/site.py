@@ -13,9 +13,7 @@ from mhc_megatron.megatron.config import MHCTransformerConfig
 RESIDUAL_INIT_OFF_DIAGONAL = -12.0
 
 
-def static_logit_init(
-    variant: str, init: str, n: int, layer_index: int
-) -> torch.Tensor:
+def static_logit_init(variant: str, init: str, n: int, layer_index: int) -> torch.Tensor:
     """Initial ``base [n*n + 2n]`` (order ``[pre | post | res]``) of a site.
 
     Args:

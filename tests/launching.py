@@ -1,0 +1,60 @@
+"""Launching training scripts under torchrun from tests, with hard timeouts.
+
+gloo ranks block forever when one rank dies, and killing torchrun alone leaves them spinning:
+each launch runs in its own session and the whole process group is killed when it fails.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.E+-]+) \|")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    script: Path, nproc: int, args: list[str], log: Path, timeout_s: int = 240
+) -> tuple[int | None, str]:
+    """Runs ``script`` under torchrun; returns ``(exit code or None on timeout, output)``."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1",
+        "--master-port", str(free_port()),
+        str(script), *args,
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            if rc != 0:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+    return rc, log.read_text()
+
+
+def losses(text: str) -> dict[int, float]:
+    """``{iteration: lm loss}`` from Megatron's ``iteration ... | lm loss: ...`` lines."""
+    return {int(it): float(loss) for it, _, loss in ITERATION_RE.findall(text)}
