@@ -23,14 +23,14 @@ as a whole on timeout or failure: when one gloo rank dies the others wait foreve
 from __future__ import annotations
 
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launching import launch
+from tests.launching import losses as _losses
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DRIVER = REPO_ROOT / "tests" / "cpu_driver_plain_gpt.py"
@@ -78,56 +78,14 @@ SAME_MODEL = [
     "--attention-dropout", "0",
 ]  # fmt: skip
 
-ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.E+-]+) \|")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _launch(nproc: int, args: list[str], log: Path) -> str:
-    """Run the driver under torchrun; return its output, or fail the test with its tail.
-
-    The launch runs in its own session (process group); on timeout or failure the whole group
-    is killed, torchrun and every rank.
-    """
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()),
-        str(DRIVER), *args,
-    ]  # fmt: skip
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        try:
-            rc = proc.wait(timeout=LAUNCH_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            if rc != 0:  # kill whatever is left of the group (ranks blocked in gloo)
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-    text = log.read_text()
+    """Run the driver under torchrun; return its output, or fail the test with its tail."""
+    rc, text = launch(DRIVER, nproc, args, log, timeout_s=LAUNCH_TIMEOUT_S)
     if rc != 0:
         what = f"timed out after {LAUNCH_TIMEOUT_S} s" if rc is None else f"exited with {rc}"
         pytest.fail(f"torchrun (nproc {nproc}) {what}; log {log}:\n{text[-6000:]}")
     return text
-
-
-def _losses(text: str) -> dict[int, str]:
-    """``{iteration: lm loss as printed}`` from Megatron's ``iteration ... | lm loss:`` lines."""
-    return {int(it): loss for it, _, loss in ITERATION_RE.findall(text)}
 
 
 @pytest.fixture(scope="module")
