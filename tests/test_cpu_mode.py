@@ -1,6 +1,6 @@
 """CPU mode (``mhc_megatron.training.cpu``): Megatron's ``pretrain()`` end to end on CPU with gloo.
 
-Every end-to-end test launches ``tests/cpu_driver_plain_gpt.py`` (a plain GPT, no mHC) with
+Every end-to-end test launches ``pretrain_mhc.py --mhc-variant residual`` (a plain GPT) with
 torchrun on a tiny MoE model (2 layers, hidden 64, 4 heads, 4 experts top-2, sequence 64, micro
 batch 2, global batch 4, mock data). Each launch costs about 8-14 s on 2 cores (mostly start-up),
 so every launch checks several things.
@@ -33,7 +33,8 @@ from tests.launching import launch
 from tests.launching import losses as _losses
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DRIVER = REPO_ROOT / "tests" / "cpu_driver_plain_gpt.py"
+# The launcher itself, with the residual variant: a stock GPTModel through the same pretrain().
+DRIVER = REPO_ROOT / "pretrain_mhc.py"
 LAUNCH_TIMEOUT_S = 240
 
 # The flags a local-spec MoE model needs on CPU (no apex / TransformerEngine kernels here; see
@@ -41,6 +42,7 @@ LAUNCH_TIMEOUT_S = 240
 # cold start.
 CPU_FLAGS = [
     "--cpu",
+    "--mhc-variant", "residual",
     "--transformer-impl", "local",
     "--no-persist-layer-norm",
     "--no-gradient-accumulation-fusion",
