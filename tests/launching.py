@@ -15,6 +15,20 @@ from pathlib import Path
 import psutil
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# What a local-spec model needs on CPU (no apex / TransformerEngine kernels; see
+# mhc_megatron/training/cpu.py). The fusion switches skip torch.compile of kernels that only pay
+# off on a GPU: --no-bias-swiglu-fusion alone saves ~25 s per cold start.
+CPU_LOCAL_FLAGS = [
+    "--cpu",
+    "--transformer-impl", "local",
+    "--no-persist-layer-norm",
+    "--no-gradient-accumulation-fusion",
+    "--no-masked-softmax-fusion",
+    "--disable-bias-linear",
+    "--no-bias-dropout-fusion",
+    "--no-rope-fusion",
+    "--no-bias-swiglu-fusion",
+]  # fmt: skip
 ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.E+-]+) \|")
 
 

@@ -162,10 +162,7 @@ def test_hc_paper_init_reads_one_stream_per_layer():
         (dict(hidden_size=30), "hidden_size=30 is not a multiple of num_attention_heads=4"),
         (dict(mhc_sinkhorn_iters=0), "--mhc-sinkhorn-iters"),
         (dict(mhc_backend="triton"), "use --mhc-backend torch"),
-        (
-            dict(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32),
-            "--pipeline-model-parallel-size 1",
-        ),
+        (dict(fused_residual_rmsnorm=True, normalization="RMSNorm"), "--fused-residual-rmsnorm"),
         (
             dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
             "recompute-granularity full",
@@ -178,3 +175,42 @@ def test_bad_configs_say_what_to_change(overrides, message):
 
     with pytest.raises(MHCConfigError, match=message.replace("(", r"\(").replace("*", r"\*")):
         _config(**overrides)
+
+
+def test_pipeline_wire_shape_is_n_streams_wide():
+    from mhc_megatron.megatron.pipeline import pipeline_tensor_shape
+
+    mhc = _config(mhc_num_streams=3)
+    assert pipeline_tensor_shape(mhc, (16, 2, 32)) == (16, 2, 96)
+    assert pipeline_tensor_shape(mhc, [16, 2, 32]) == [16, 2, 96]  # the interleaved schedule's
+    assert pipeline_tensor_shape(mhc, ()) == ()  # shapes exchanged at run time
+    assert pipeline_tensor_shape(_config(mhc_variant="residual"), (16, 2, 32)) == (16, 2, 32)
+    from megatron.core.transformer import TransformerConfig
+
+    plain = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4)
+    assert pipeline_tensor_shape(plain, (16, 2, 32)) == (16, 2, 32)
+
+
+def test_pipeline_hook_widens_what_the_communicator_allocates(monkeypatch):
+    """The installed hook hands ``_communicate`` the widened shape, once however often it is
+    installed, and only for mHC configs."""
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    from mhc_megatron.megatron import pipeline
+
+    seen = []
+
+    def communicate(self, *, tensor_send_next, tensor_send_prev, recv_prev, recv_next,
+                    tensor_shape, wait_on_reqs=True):  # fmt: skip
+        seen.append(tensor_shape)
+        return None, None
+
+    monkeypatch.setattr(p2p_communication.P2PCommunicator, "_communicate", communicate)
+    pipeline.install_pipeline_shape_hook()
+    pipeline.install_pipeline_shape_hook()  # idempotent: no second wrapper
+    hooked = p2p_communication.P2PCommunicator._communicate
+    kwargs = dict(tensor_send_next=None, tensor_send_prev=None, recv_prev=True, recv_next=False)
+    for config in (_config(mhc_num_streams=4), _config(mhc_variant="residual")):
+        communicator = type("Communicator", (), {"config": config})()
+        hooked(communicator, tensor_shape=(8, 2, 32), **kwargs)
+    assert seen == [(8, 2, 128), (8, 2, 32)]

@@ -6,15 +6,12 @@ import sys
 
 import pytest
 
-from tests.launching import REPO_ROOT, launch, losses
+from tests.launching import CPU_LOCAL_FLAGS, REPO_ROOT, launch, losses
 
 SCRIPT = REPO_ROOT / "pretrain_mhc.py"
 
 TINY_MOE = [
-    "--cpu",
-    "--transformer-impl", "local", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
-    "--no-masked-softmax-fusion", "--disable-bias-linear", "--no-bias-dropout-fusion",
-    "--no-rope-fusion",
+    *CPU_LOCAL_FLAGS,
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
     "--seq-length", "64", "--max-position-embeddings", "64", "--position-embedding-type", "rope",
     "--normalization", "RMSNorm", "--swiglu",

@@ -33,6 +33,7 @@ ARGS=(
   --cpu
   --transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion
   --no-masked-softmax-fusion --disable-bias-linear --no-bias-dropout-fusion --no-rope-fusion
+  --no-bias-swiglu-fusion
   --num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 256
   --seq-length 128 --max-position-embeddings 128 --position-embedding-type rope
   --normalization RMSNorm --swiglu --untie-embeddings-and-output-weights

@@ -121,11 +121,6 @@ class MHCTransformerConfig(TransformerConfig):
     def _check_megatron_features(self) -> None:
         """Megatron features whose code paths bypass or mis-size the n-stream residual."""
         refused = [
-            (
-                self.pipeline_model_parallel_size > 1,
-                "pipeline parallelism: the p2p buffers are sized [s, b, hidden_size] but mHC sends "
-                "[s, b, n*hidden_size]; use --pipeline-model-parallel-size 1",
-            ),
             (bool(self.mtp_num_layers), "multi-token prediction; drop --mtp-num-layers"),
             (
                 self.recompute_granularity == "full",

@@ -10,6 +10,7 @@ from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
 from mhc_megatron import ops
 from mhc_megatron.megatron.config import MHCConfigError, MHCTransformerConfig
+from mhc_megatron.megatron.pipeline import install_pipeline_shape_hook
 from mhc_megatron.megatron.specs import get_mhc_decoder_block_spec
 
 
@@ -58,12 +59,32 @@ class MHCGPTModelBuilder(GPTModelBuilder):
         if self._model_config.transformer_layer_spec is None:
             self._model_config.transformer_layer_spec = mhc_layer_spec
         model = super().build_model(pg_collection, pre_process, post_process, vp_stage)
+        if transformer.num_moe_experts:
+            mark_expert_parameters(model)
         if transformer.mhc_enabled:
+            if transformer.pipeline_model_parallel_size > 1:
+                install_pipeline_shape_hook()
             # GPTModelBuilder hard-codes GPTModel (megatron/training/models/gpt.py, 0.19.2);
             # MHCGPTModel adds no state and only overrides _preprocess, so the built instance
             # is re-classed instead of copying the builder's 60 lines.
             model.__class__ = MHCGPTModel
         return model
+
+
+def mark_expert_parameters(model: torch.nn.Module) -> None:
+    """Tags routed-expert parameters as expert-parallel at every expert-parallel size.
+
+    Megatron 0.19.2 tags them ``allreduce=False`` (reduced over the expert data-parallel group,
+    given their own grad buffer and optimizer) only when ``expert_model_parallel_size > 1``; at
+    EP1 they join the dense optimizer. The optimizer part of a checkpoint then has one entry at
+    EP1 and two at EP2, and ``ChainedOptimizer.load_state_dict`` refuses to resume across that
+    change ("Expected 2 entries in state dict, but got 4"). At EP1 the expert data-parallel group
+    holds the same ranks as the data-parallel group, so the tag changes no arithmetic, only where
+    the state lives: checkpoints then resume between EP1 and EP2 in both directions.
+    """
+    for name, param in model.named_parameters():
+        if ".experts." in f".{name}" and getattr(param, "allreduce", None) is True:
+            param.allreduce = False
 
 
 def build_mhc_gpt_model(
@@ -85,6 +106,8 @@ def build_mhc_gpt_model(
         **gpt_kwargs: further GPTModel arguments (position_embedding_type, ...).
     """
     model_cls = MHCGPTModel if config.mhc_enabled else GPTModel
+    if config.mhc_enabled and config.pipeline_model_parallel_size > 1:
+        install_pipeline_shape_hook()
     allowed = inspect.signature(GPTModel.__init__).parameters
     unknown = set(gpt_kwargs) - set(allowed)
     if unknown:

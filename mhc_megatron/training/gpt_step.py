@@ -218,7 +218,8 @@ def forward_step(data_iterator, model: torch.nn.Module, return_schedule_plan: bo
 
     Returns:
         ``(output_tensor, loss_fn)``: on the last pipeline stage ``output_tensor`` is the
-        ``[b, s]`` per-token loss, elsewhere the ``[s, b, C]`` hidden states sent on;
+        ``[b, s]`` per-token loss, elsewhere the hidden states sent on (``[s, b, n*C]`` with
+        mHC streams, ``[s, b, C]`` for the residual variant);
         ``loss_fn(output_tensor)`` is :func:`loss_func` bound to this batch's loss mask. With
         ``return_schedule_plan`` the first element is the schedule plan instead.
     """
