@@ -6,6 +6,8 @@ from typing import Literal
 
 from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
+from mhc_megatron.kernels import MAX_STREAMS as MAX_KERNEL_STREAMS
+
 VARIANTS = ("residual", "hc", "mhc")
 INITS = ("paper", "residual")
 COLLAPSES = ("head", "mean")
@@ -49,8 +51,10 @@ class MHCTransformerConfig(TransformerConfig):
     or mean (Megatron-LM main)."""
 
     mhc_backend: Literal["torch", "triton", "auto"] = "auto"
-    """Implementation of the mHC ops: torch (plain PyTorch), triton (fused kernels) or auto
-    (triton on CUDA once the fused kernels exist, torch otherwise)."""
+    """Implementation of the mHC ops: torch (plain PyTorch, mhc_megatron.ops), triton (the fused
+    kernels of mhc_megatron.kernels; CUDA, or Triton's interpreter with TRITON_INTERPRET=1) or
+    auto (triton on CUDA when Triton is importable and n <= 8, torch otherwise). With
+    --deterministic-mode the kernels' weight gradients are bitwise reproducible."""
 
     def __post_init__(self):
         self._check_mhc_fields()
@@ -109,9 +113,9 @@ class MHCTransformerConfig(TransformerConfig):
                 f"of {', '.join(BACKENDS)} (--mhc-backend)",
             ),
             (
-                self.mhc_backend != "triton",
-                "mhc_backend='triton': the fused Triton kernels are not part of this release yet; "
-                "use --mhc-backend torch (or auto)",
+                self.mhc_backend != "triton" or self.mhc_num_streams <= MAX_KERNEL_STREAMS,
+                f"mhc_num_streams={self.mhc_num_streams} is not supported by the fused kernels "
+                f"(n <= {MAX_KERNEL_STREAMS}); use --mhc-backend torch",
             ),
         ]
         for ok, message in checks:

@@ -4,7 +4,7 @@ import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
-from mhc_megatron import ops
+from mhc_megatron.megatron.backend import site_ops
 from mhc_megatron.megatron.site import MHCSite
 
 
@@ -60,19 +60,20 @@ class MHCTransformerLayer(TransformerLayer):
         """
         n, c = self.config.mhc_num_streams, self.config.hidden_size
         x = hidden_states.unflatten(-1, (n, c))
+        mix = site_ops(self.config, x.device)  # torch ops or fused kernels (--mhc-backend)
 
         h_pre, h_post, h_res = self.self_attention_hyper_connection(x)
-        attention_out, context = self._forward_attention(ops.mhc_pre(x, h_pre), **kwargs)
-        x = ops.mhc_post_res(x, attention_out, h_post, h_res)
+        attention_out, context = self._forward_attention(mix.mhc_pre(x, h_pre), **kwargs)
+        x = mix.mhc_post_res(x, attention_out, h_post, h_res)
 
         h_pre, h_post, h_res = self.mlp_hyper_connection(x)
         mlp_out = self._forward_mlp(
-            ops.mhc_pre(x, h_pre),
+            mix.mhc_pre(x, h_pre),
             kwargs.get("inference_context"),
             padding_mask=kwargs.get("padding_mask"),
             packed_seq_params=kwargs.get("packed_seq_params"),
         )
-        x = ops.mhc_post_res(x, mlp_out, h_post, h_res)
+        x = mix.mhc_post_res(x, mlp_out, h_post, h_res)
 
         output = make_viewless_tensor(x.flatten(-2), requires_grad=True, keep_graph=True)
         return output, context

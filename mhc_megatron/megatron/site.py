@@ -6,6 +6,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from mhc_megatron import ops
+from mhc_megatron.megatron.backend import site_ops
 from mhc_megatron.megatron.config import MHCTransformerConfig
 
 # Off-diagonal static res logit of the residual-equivalent init: exp(-12) * (n - 1) < 1e-4 for
@@ -104,7 +105,7 @@ class MHCSite(KeepFP32Module):
         """
         if self.config.mhc_variant == "hc":
             return ops.hc_coefficients(x, self.fn, self.base, self.scale, eps=self.config.mhc_eps)
-        return ops.mhc_coefficients(
+        return site_ops(self.config, x.device).mhc_coefficients(
             x,
             self.fn,
             self.base,
