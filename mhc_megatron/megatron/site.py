@@ -104,6 +104,8 @@ class MHCSite(KeepFP32Module):
             ``(h_pre [s, b, n], h_post [s, b, n], h_res [s, b, n, n])`` fp32.
         """
         if self.config.mhc_variant == "hc":
+            # The fused coefficients kernel is mHC's (Sinkhorn); HC, a baseline for stability
+            # studies, keeps the torch ops here and uses the fused mixes in the layer.
             return ops.hc_coefficients(x, self.fn, self.base, self.scale, eps=self.config.mhc_eps)
         return site_ops(self.config, x.device).mhc_coefficients(
             x,
