@@ -166,10 +166,8 @@ def test_hc_paper_init_reads_one_stream_per_layer():
             "mhc_num_streams=16 is not supported by the fused kernels",
         ),
         (dict(fused_residual_rmsnorm=True, normalization="RMSNorm"), "--fused-residual-rmsnorm"),
-        (
-            dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-            "recompute-granularity full",
-        ),
+        (dict(mhc_recompute="often"), "use none, stage or a block length"),
+        (dict(mhc_recompute="0"), "use none, stage or a block length"),
         (dict(fp32_residual_connection=True), "drop the flag"),
     ],
 )
@@ -264,3 +262,60 @@ def test_triton_backend_trains_the_same_model_as_torch():
         for name, grad in outputs["torch"][1].items()
     }
     assert max(worst.values()) < 2e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+
+
+def _loss_and_grads(model):
+    ids, pos = _inputs()
+    labels = torch.roll(ids, -1, dims=1)
+    loss = model(ids, pos, None, labels=labels).float().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("recompute", ["stage", "1", "2"])
+def test_stream_recompute_gives_the_same_gradients(recompute):
+    """--mhc-recompute rebuilds the streams in backward instead of keeping them: the loss is
+    bitwise the same (the forward runs the same ops) and so is every gradient up to the order in
+    which a stream's gradient contributions are summed."""
+    torch.manual_seed(0)
+    settings = dict(num_layers=4, moe_layer_freq=[0, 1, 1, 1], mhc_backend="torch")
+    reference = _build(_config(**{**MOE, **settings})).train()
+    for name, param in reference.named_parameters():
+        if name.endswith("hyper_connection.scale"):
+            param.data.fill_(0.5)  # the streams mix unevenly
+    recomputing = _build(_config(**{**MOE, **settings}, mhc_recompute=recompute)).train()
+    recomputing.load_state_dict(reference.state_dict())
+    expected_loss, expected = _loss_and_grads(reference)
+    loss, grads = _loss_and_grads(recomputing)
+    assert torch.equal(loss, expected_loss)
+    # Without recompute autograd sums a stream's gradient from coefficients, pre-mix and
+    # post+res in one order; with it, coefficients + pre-mix arrive already summed: float32
+    # rounding of the last bits only.
+    worst = {n: ((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in expected.items()}
+    assert max(worst.values()) < 1e-5, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_stream_recompute_saves_fewer_activation_bytes():
+    """Saved-for-backward bytes of one forward (saved-tensor hooks, recompute blocks' inputs
+    included): mHC without recompute keeps the n-wide streams at every site; with it, a stage
+    keeps one stream input and each site's C-wide branch output."""
+    from mhc_megatron.megatron.recompute import saved_activation_bytes
+
+    settings = dict(num_layers=4, moe_layer_freq=[0, 1, 1, 1], hidden_size=64, **{
+        k: v for k, v in MOE.items() if k != "moe_layer_freq"})  # fmt: skip
+    ids, pos = _inputs()
+    labels = torch.roll(ids, -1, dims=1)
+    measured = {}
+    for name, extra in [
+        ("residual", dict(mhc_variant="residual")),
+        ("mhc", dict(mhc_variant="mhc")),
+        ("mhc_recompute", dict(mhc_variant="mhc", mhc_recompute="stage")),
+    ]:
+        model = _build(_config(**settings, **extra)).train()
+        measured[name] = saved_activation_bytes(
+            model, lambda m=model: m(ids, pos, None, labels=labels)
+        )
+    assert measured["mhc_recompute"] < measured["mhc"], measured
+    # The issue's goal, at most 1.3x the residual baseline: measured 1.23x on this model (mHC
+    # without recompute: 2.9x). A byte count, not a timing: deterministic for a given model.
+    assert measured["mhc_recompute"] < 1.3 * measured["residual"], measured

@@ -86,6 +86,48 @@ LAYOUTS = {
     "tp2_pp2": (4, [*TP2, *SP, *PP2]),
     "pp2_ep2": (4, [*PP2, *EP2, *ALLTOALL]),
     "tp2_sp_ep2": (4, [*TP2, *SP, *EP2, *ALLTOALL]),
+    # Stream recompute (--mhc-recompute) must not change the training: one block per stage;
+    # blocks of one layer with Megatron's own selective recompute on virtual stages; blocks of
+    # two layers under TP, SP and EP.
+    "pp2_mhc_recompute": (2, [*PP2, "--mhc-recompute"]),
+    "pp2_interleaved_mhc_recompute_1_selective": (
+        2,
+        [
+            *PP2,
+            "--num-layers-per-virtual-pipeline-stage",
+            "1",
+            "--mhc-recompute",
+            "1",
+            "--recompute-granularity",
+            "selective",
+        ],
+    ),
+    "tp2_sp_ep2_mhc_recompute_2": (4, [*TP2, *SP, *EP2, *ALLTOALL, "--mhc-recompute", "2"]),
+    # Megatron's full recompute re-runs whole mHC layers; with --mhc-recompute inside it too.
+    "full_recompute_uniform": (
+        1,
+        [
+            "--recompute-granularity",
+            "full",
+            "--recompute-method",
+            "uniform",
+            "--recompute-num-layers",
+            "1",
+        ],
+    ),
+    "pp2_full_recompute_block_mhc_recompute": (
+        2,
+        [
+            *PP2,
+            "--recompute-granularity",
+            "full",
+            "--recompute-method",
+            "block",
+            "--recompute-num-layers",
+            "1",
+            "--mhc-recompute",
+        ],
+    ),
 }
 # Layouts that also save at iteration 3, for the cross-layout resume tests.
 SAVING_LAYOUTS = ("tp2_pp2", "ep2_alltoall")
@@ -201,6 +243,8 @@ def test_layout_trains_the_single_rank_model(name, moe, layout_runs):
     _, _, reference = moe
     run = layout_runs(name)
     _assert_same_training(run, reference)
+    if "mhc_recompute" in name:
+        assert "mHC recompute: blocks of" in run.text
     if "tp2" in name:
         differences = run.replica_differences()
         assert len(differences) >= 3 * 4  # 3 steps x 4 micro-batches (more with PP/DP)

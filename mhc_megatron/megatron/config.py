@@ -56,6 +56,15 @@ class MHCTransformerConfig(TransformerConfig):
     auto (triton on CUDA when Triton is importable and n <= 8, torch otherwise). With
     --deterministic-mode the kernels' weight gradients are bitwise reproducible."""
 
+    mhc_recompute: str = dataclasses.field(
+        default="none",
+        metadata={"argparse_meta": {"type": str, "nargs": "?", "const": "stage"}},
+    )
+    """Stream recompute (paper eq. 20): none; stage (what a bare --mhc-recompute selects: one
+    block per pipeline stage); or a block length in layers. A block keeps its input streams
+    [s, b, n*C] and each sublayer's branch output [s, b, C]; backward rebuilds the streams from
+    them without re-running attention or the MLP."""
+
     def __post_init__(self):
         self._check_mhc_fields()
         if self.mhc_variant != "residual" and self.kv_channels is None:
@@ -70,6 +79,13 @@ class MHCTransformerConfig(TransformerConfig):
         super().__post_init__()
         if self.mhc_variant != "residual":
             self._check_megatron_features()
+
+    @property
+    def mhc_recompute_layers(self) -> int | None:
+        """Layers per recompute block: None (off), 0 (the whole stage) or the block length."""
+        if self.mhc_recompute == "none" or not self.mhc_enabled:
+            return None
+        return 0 if self.mhc_recompute == "stage" else int(self.mhc_recompute)
 
     @property
     def mhc_enabled(self) -> bool:
@@ -113,6 +129,12 @@ class MHCTransformerConfig(TransformerConfig):
                 f"of {', '.join(BACKENDS)} (--mhc-backend)",
             ),
             (
+                self.mhc_recompute in ("none", "stage")
+                or (self.mhc_recompute.isdigit() and int(self.mhc_recompute) >= 1),
+                f"mhc_recompute={self.mhc_recompute!r} is unknown; use none, stage or a block "
+                "length in layers >= 1 (--mhc-recompute [stage|N])",
+            ),
+            (
                 self.mhc_backend != "triton" or self.mhc_num_streams <= MAX_KERNEL_STREAMS,
                 f"mhc_num_streams={self.mhc_num_streams} is not supported by the fused kernels "
                 f"(n <= {MAX_KERNEL_STREAMS}); use --mhc-backend torch",
@@ -126,10 +148,6 @@ class MHCTransformerConfig(TransformerConfig):
         """Megatron features whose code paths bypass or mis-size the n-stream residual."""
         refused = [
             (bool(self.mtp_num_layers), "multi-token prediction; drop --mtp-num-layers"),
-            (
-                self.recompute_granularity == "full",
-                "--recompute-granularity full (not yet verified with n streams); use selective",
-            ),
             (
                 self.fp32_residual_connection,
                 "--fp32-residual-connection (the mHC streams keep the activation dtype and the mix "

@@ -5,6 +5,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
 from mhc_megatron.megatron.backend import site_ops
+from mhc_megatron.megatron.recompute import BLOCK_ATTRIBUTE, StreamBlock, enter_site, exit_site
 from mhc_megatron.megatron.site import MHCSite
 
 
@@ -61,19 +62,53 @@ class MHCTransformerLayer(TransformerLayer):
         n, c = self.config.mhc_num_streams, self.config.hidden_size
         x = hidden_states.unflatten(-1, (n, c))
         mix = site_ops(self.config, x.device)  # torch ops or fused kernels (--mhc-backend)
+        block = self._stream_block(hidden_states, x, mix)
 
-        h_pre, h_post, h_res = self.self_attention_hyper_connection(x)
-        attention_out, context = self._forward_attention(mix.mhc_pre(x, h_pre), **kwargs)
-        x = mix.mhc_post_res(x, attention_out, h_post, h_res)
+        u, h_post, h_res, index = self._enter(block, self.self_attention_hyper_connection, x, mix)
+        attention_out, context = self._forward_attention(u, **kwargs)
+        x = self._exit(block, mix, x, attention_out, h_post, h_res, index)
 
-        h_pre, h_post, h_res = self.mlp_hyper_connection(x)
+        u, h_post, h_res, index = self._enter(block, self.mlp_hyper_connection, x, mix)
         mlp_out = self._forward_mlp(
-            mix.mhc_pre(x, h_pre),
+            u,
             kwargs.get("inference_context"),
             padding_mask=kwargs.get("padding_mask"),
             packed_seq_params=kwargs.get("packed_seq_params"),
         )
-        x = mix.mhc_post_res(x, mlp_out, h_post, h_res)
+        x = self._exit(block, mix, x, mlp_out, h_post, h_res, index)
 
         output = make_viewless_tensor(x.flatten(-2), requires_grad=True, keep_graph=True)
+        if block is not None:
+            # The next layer continues this block (TransformerBlock hands it this tensor).
+            setattr(output, BLOCK_ATTRIBUTE, block)
         return output, context
+
+    def _stream_block(self, hidden_states, x, mix) -> StreamBlock | None:
+        """The recompute block this layer belongs to (None with --mhc-recompute none).
+
+        A layer whose input carries no block (the first of a pipeline stage or virtual chunk)
+        starts one, and so does a layer after a full block of ``--mhc-recompute N`` layers.
+        """
+        layers = self.config.mhc_recompute_layers
+        if layers is None:
+            return None
+        block = getattr(hidden_states, BLOCK_ATTRIBUTE, None)
+        if block is None or (layers and block.layers >= layers):
+            block = StreamBlock(x, mix.mhc_post_res)
+        block.layers += 1
+        return block
+
+    @staticmethod
+    def _enter(block, site, x, mix):
+        """``(u [s, b, C], h_post, h_res, index)``: the site's coefficients and branch input."""
+        if block is None:
+            h_pre, h_post, h_res = site(x)
+            return mix.mhc_pre(x, h_pre), h_post, h_res, None
+        return enter_site(block, site, x, mix.mhc_pre)
+
+    @staticmethod
+    def _exit(block, mix, x, y, h_post, h_res, index):
+        """``[s, b, n, C]`` new streams from the branch output ``y [s, b, C]``."""
+        if block is None:
+            return mix.mhc_post_res(x, y, h_post, h_res)
+        return exit_site(block, x, y, h_post, h_res, index)

@@ -1,6 +1,7 @@
 """The mHC GPT model, its Megatron model config and builder (the model provider)."""
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,7 +12,10 @@ from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 from mhc_megatron import ops
 from mhc_megatron.megatron.config import MHCConfigError, MHCTransformerConfig
 from mhc_megatron.megatron.pipeline import install_pipeline_shape_hook
+from mhc_megatron.megatron.recompute import optimal_block_layers
 from mhc_megatron.megatron.specs import get_mhc_decoder_block_spec
+
+logger = logging.getLogger(__name__)
 
 
 class MHCGPTModel(GPTModel):
@@ -62,6 +66,8 @@ class MHCGPTModelBuilder(GPTModelBuilder):
         if transformer.num_moe_experts:
             mark_expert_parameters(model)
         if transformer.mhc_enabled:
+            if transformer.mhc_recompute_layers is not None:
+                _log_recompute_blocks(transformer, len(model.decoder.layers), vp_stage)
             if transformer.pipeline_model_parallel_size > 1:
                 install_pipeline_shape_hook()
             # GPTModelBuilder hard-codes GPTModel (megatron/training/models/gpt.py, 0.19.2);
@@ -69,6 +75,18 @@ class MHCGPTModelBuilder(GPTModelBuilder):
             # is re-classed instead of copying the builder's 60 lines.
             model.__class__ = MHCGPTModel
         return model
+
+
+def _log_recompute_blocks(config: MHCTransformerConfig, stage_layers: int, vp_stage) -> None:
+    """Logs the recompute block length chosen and the paper's optimum, once per stage."""
+    n, block = config.mhc_num_streams, config.mhc_recompute_layers or stage_layers
+    where = "" if vp_stage is None else f" (virtual stage {vp_stage})"
+    logger.info(
+        f"mHC recompute: blocks of {block} layer(s) on this pipeline stage{where}, which has "
+        f"{stage_layers}; optimum sqrt(n*L/(n+2)) = "
+        f"{optimal_block_layers(n, stage_layers):.1f} for n={n}, L={stage_layers} "
+        f"({optimal_block_layers(n, config.num_layers):.1f} for all {config.num_layers} layers)"
+    )
 
 
 def mark_expert_parameters(model: torch.nn.Module) -> None:

@@ -103,15 +103,15 @@ class MHCSite(KeepFP32Module):
         Returns:
             ``(h_pre [s, b, n], h_post [s, b, n], h_res [s, b, n, n])`` fp32.
         """
+        return self.coefficients(x, self.fn, self.base, self.scale)
+
+    def coefficients(self, x, fn, base, scale):
+        """The coefficients with the parameters passed in (the stream recompute passes detached
+        copies). Shapes as :meth:`forward`."""
         if self.config.mhc_variant == "hc":
             # The fused coefficients kernel is mHC's (Sinkhorn); HC, a baseline for stability
             # studies, keeps the torch ops here and uses the fused mixes in the layer.
-            return ops.hc_coefficients(x, self.fn, self.base, self.scale, eps=self.config.mhc_eps)
+            return ops.hc_coefficients(x, fn, base, scale, eps=self.config.mhc_eps)
         return site_ops(self.config, x.device).mhc_coefficients(
-            x,
-            self.fn,
-            self.base,
-            self.scale,
-            iters=self.config.mhc_sinkhorn_iters,
-            eps=self.config.mhc_eps,
+            x, fn, base, scale, iters=self.config.mhc_sinkhorn_iters, eps=self.config.mhc_eps
         )
