@@ -12,13 +12,9 @@ forward+backward on ``x: [T, n, C]``. ``benchmarks/README.md`` describes the JSO
 
 import argparse
 import importlib
-import importlib.metadata
 import inspect
-import json
 import math
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -32,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # runs from a plain checkout: the GPU machine has no install
 
+from benchmarks.harness import Timer, copy_bandwidth, device_meta, write_result  # noqa: E402
 from mhc_megatron import ops as eager_ops  # noqa: E402
 
 IMPLS = ("ours", "eager", "compile", "liger", "residual")
@@ -210,39 +207,6 @@ def floor_bytes(n: int, T: int, C: int, elem: int) -> dict[str, dict[str, int]]:
     return {t: {"fwd": f, "bwd": b, "fwd_bwd": f + b} for t, (f, b) in fwd_bwd.items()}
 
 
-class Timer:
-    """Per-rep timing of a callable, as ``METHOD["timing"]`` states."""
-
-    def __init__(self, device: torch.device, iters: int, warmup: int):
-        self.cuda, self.iters, self.warmup = device.type == "cuda", iters, warmup
-        # 256 MiB zeroed before each rep evicts H100's 50 MiB L2: no rep reads the last one's data.
-        self.flush = torch.empty(2**28, dtype=torch.uint8, device=device) if self.cuda else None
-
-    def samples_ms(self, run, prepare=lambda: None, leaves=(), iters=None) -> list[float]:
-        samples = []
-        for i in range(self.warmup + (iters or self.iters)):
-            for t in leaves:
-                t.grad = None  # backward writes fresh grads: accumulation is not timed
-            state = prepare()
-            if self.cuda:
-                self.flush.zero_()
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-                run(state)
-                end.record()
-                sample = (start, end)
-            else:
-                t0 = time.perf_counter()
-                run(state)
-                sample = (time.perf_counter() - t0) * 1e3
-            if i >= self.warmup:
-                samples.append(sample)
-        if self.cuda:
-            torch.cuda.synchronize()  # every event has completed before it is read
-            samples = [start.elapsed_time(end) for start, end in samples]
-        return samples
-
-
 def time_case(case: Case, timer: Timer) -> dict[str, list[float]]:
     leaves = list(case.leaves.values())
 
@@ -250,20 +214,10 @@ def time_case(case: Case, timer: Timer) -> dict[str, list[float]]:
         torch.autograd.backward(outs, case.grad_outs)
 
     return {
-        "fwd": timer.samples_ms(lambda _: case.fwd(), leaves=leaves),
+        "fwd": timer.samples_ms(case.fwd, leaves=leaves),
         "bwd": timer.samples_ms(backward, prepare=case.fwd, leaves=leaves),
-        "fwd_bwd": timer.samples_ms(lambda _: backward(case.fwd()), leaves=leaves),
+        "fwd_bwd": timer.samples_ms(lambda: backward(case.fwd()), leaves=leaves),
     }
-
-
-def copy_bandwidth(device: torch.device, timer: Timer) -> dict:
-    """Device copy bandwidth: ``dst.copy_(src)`` on 1 GiB (CPU 64 MiB), bytes = 2 * size."""
-    numel = 2**30 if device.type == "cuda" else 2**26
-    src = torch.ones(numel, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    best = min(timer.samples_ms(lambda _: dst.copy_(src), iters=20))
-    method = "dst.copy_(src) on uint8 buffers, bytes = 2 * size, best of 20"
-    return {"bytes": 2 * numel, "best_ms": best, "GBps": 2 * numel / best / 1e6, "method": method}
 
 
 def run_once(case: Case, device: torch.device) -> tuple[dict, dict, float]:
@@ -371,22 +325,9 @@ def print_tables(res: dict) -> None:
             print(f"error {name}:{target}: {message[:300]}")
 
 
-def version(package: str) -> str | None:
-    """The installed distribution's version, ``None`` where it is not installed."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def meta(args, device: torch.device) -> dict:
     cuda = device.type == "cuda"
-    return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "versions": {p: version(p) for p in ("torch", "triton", "liger-kernel")}
-        | {"cuda": torch.version.cuda, "python": platform.python_version()},
+    return device_meta(device, ("torch", "triton", "liger-kernel")) | {
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
@@ -438,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as e:  # package missing, CPU-only machine, kernels not written yet
             status[name] = {"available": False, "reason": f"unavailable: {type(e).__name__}: {e}"}
             print(f"{name}: {status[name]['reason']}")
-    timer = Timer(device, args.iters, args.warmup)
+    timer = Timer(device, args.iters, args.warmup, flush=True)
     result = {"meta": meta(args, device), "bandwidth": copy_bandwidth(device, timer)}
     result |= {"floor_definition": FLOOR_DEFINITION, "impls": status, "shapes": []}
     print(f"{result['meta']['device_name']}: copy {result['bandwidth']['GBps']:.0f} GB/s")
@@ -448,11 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
         print_tables(result["shapes"][-1])
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    slug = re.sub(r"[^a-z0-9]+", "_", result["meta"]["device_name"].lower()).strip("_")
-    out = args.out or REPO / "benchmarks" / "results" / f"mhc_site_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_result(result, args.out, "mhc_site")
     return result
 
 

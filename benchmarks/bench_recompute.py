@@ -23,15 +23,19 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
-import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # runs from a plain checkout: the GPU machine has no install
+
+from benchmarks.harness import init_single_rank, write_json  # noqa: E402
 
 CONFIGS = {
     "residual": dict(mhc_variant="residual"),
@@ -59,25 +63,6 @@ def _parse() -> argparse.Namespace:
     args.seq = args.seq or (4096 if gpu else 128)
     args.iters = args.iters or (20 if gpu else 3)
     return args
-
-
-def _init_single_rank(device: str) -> None:
-    if device == "cpu":
-        from mhc_megatron.training.cpu import enable_cpu_mode
-
-        enable_cpu_mode()
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-    backend = "nccl" if device == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
 
 
 def _build(args, **mhc):
@@ -153,7 +138,10 @@ def _measure(args, model) -> dict:
 
 def main() -> None:
     args = _parse()
-    _init_single_rank(args.device)
+    init_single_rank(args.device)
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(1234)
     results = {name: _measure(args, _build(args, **extra)) for name, extra in CONFIGS.items()}
     base, mhc, recompute = results["residual"], results["mhc"], results["mhc_recompute"]
     ratios = {
@@ -175,8 +163,7 @@ def main() -> None:
         "goal": "saved_bytes mhc_recompute/residual <= 1.3; step_ms mhc_recompute/mhc <= 1.10",
     }
     out = args.out or Path(__file__).parent / "results" / f"recompute_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_json(out, report)
     for name, value in ratios.items():
         print(f"{name:40s} {value:7.3f}")
     for name, r in results.items():

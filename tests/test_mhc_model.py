@@ -272,13 +272,16 @@ def _loss_and_grads(model):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("recompute", ["stage", "1", "2"])
-def test_stream_recompute_gives_the_same_gradients(recompute):
+@pytest.mark.parametrize(
+    "recompute, backend", [("stage", "torch"), ("1", "torch"), ("2", "torch"), ("2", "triton")]
+)
+def test_stream_recompute_gives_the_same_gradients(recompute, backend):
     """--mhc-recompute rebuilds the streams in backward instead of keeping them: the loss is
     bitwise the same (the forward runs the same ops) and so is every gradient up to the order in
-    which a stream's gradient contributions are summed."""
+    which a stream's gradient contributions are summed. With the triton backend the rebuild and
+    the recomputed mixing run the fused kernels."""
     torch.manual_seed(0)
-    settings = dict(num_layers=4, moe_layer_freq=[0, 1, 1, 1], mhc_backend="torch")
+    settings = dict(num_layers=4, moe_layer_freq=[0, 1, 1, 1], mhc_backend=backend)
     reference = _build(_config(**{**MOE, **settings})).train()
     for name, param in reference.named_parameters():
         if name.endswith("hyper_connection.scale"):

@@ -1,0 +1,1 @@
+"""Benchmark scripts; ``harness`` holds what they share."""
