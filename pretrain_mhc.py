@@ -30,9 +30,14 @@ def main() -> None:
     from mhc_megatron.megatron.model import MHCGPTModelConfig, mhc_layer_spec
     from mhc_megatron.training import gpt_step
     from mhc_megatron.training.arguments import add_mhc_args, mhc_transformer_config_from_args
+    from mhc_megatron.training.schedule import install_step_schedule
 
     args = parse_and_validate_args(extra_args_provider=add_mhc_args)
     gpt_step.check_data_paths(args)
+    try:
+        install_step_schedule(args)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     config = mhc_transformer_config_from_args(args)
     model_cfg = gpt_config_from_args(args, config=config, model_config_cls=MHCGPTModelConfig)
     if model_cfg.transformer_layer_spec is None:  # --spec given: the user's spec wins

@@ -29,14 +29,12 @@ class MHCFinalNorm(KeepFP32Module):
         self.norm = norm_cls(config=config, hidden_size=hidden_size, eps=eps)
         n = config.mhc_num_streams
         if config.mhc_collapse == "head":
-            device = "cpu" if config.use_cpu_initialization else None
-            self.head_fn = torch.nn.Parameter(torch.empty(n, n * hidden_size, device=device))
+            # Default device, as the sites' parameters (site.py).
+            self.head_fn = torch.nn.Parameter(torch.empty(n, n * hidden_size))
             # residual init: w = 1/n, the mean; paper: logits 0 like the sites' static logits.
             base = math.log(1 / (n - 1)) if config.mhc_init == "residual" and n > 1 else 0.0
-            self.head_base = torch.nn.Parameter(torch.full((n,), base, device=device))
-            self.head_scale = torch.nn.Parameter(
-                torch.full((1,), float(config.mhc_gating_init), device=device)
-            )
+            self.head_base = torch.nn.Parameter(torch.full((n,), base))
+            self.head_scale = torch.nn.Parameter(torch.full((1,), float(config.mhc_gating_init)))
             if config.perform_initialization:
                 config.init_method(self.head_fn)
             for param in (self.head_fn, self.head_base, self.head_scale):

@@ -77,16 +77,13 @@ class MHCSite(KeepFP32Module):
         super().__init__(config=config)
         n, c = config.mhc_num_streams, config.hidden_size
         self.num_streams = n
-        device = "cpu" if config.use_cpu_initialization else None
-        self.fn = torch.nn.Parameter(torch.empty(n * n + 2 * n, n * c, device=device))
+        # On the default device (CPU, or an ambient torch.device such as meta when counting
+        # parameters); Megatron's get_model moves the model to the GPU.
+        self.fn = torch.nn.Parameter(torch.empty(n * n + 2 * n, n * c))
         self.base = torch.nn.Parameter(
-            static_logit_init(config.mhc_variant, config.mhc_init, n, layer_index).to(
-                self.fn.device
-            )
+            static_logit_init(config.mhc_variant, config.mhc_init, n, layer_index)
         )
-        self.scale = torch.nn.Parameter(
-            torch.full((3,), float(config.mhc_gating_init), device=self.fn.device)
-        )
+        self.scale = torch.nn.Parameter(torch.full((3,), float(config.mhc_gating_init)))
         if config.perform_initialization:
             config.init_method(self.fn)
         for param in self.parameters():

@@ -8,6 +8,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from mhc_megatron.megatron.attention import use_local_mla_core_attention
 from mhc_megatron.megatron.block import MHCFinalNorm
 from mhc_megatron.megatron.config import MHCConfigError, MHCTransformerConfig
 from mhc_megatron.megatron.layer import MHCTransformerLayer, get_bias_dropout
@@ -58,14 +59,20 @@ def get_mhc_decoder_block_spec(
     Returns:
         TransformerBlockSubmodules(layer_specs, layer_norm).
     """
+    use_te = use_transformer_engine(config)
     block = get_gpt_decoder_block_spec(
         config,
-        use_transformer_engine=use_transformer_engine(config),
+        use_transformer_engine=use_te,
         normalization=config.normalization,
         qk_l2_norm=config.qk_l2_norm,
         vp_stage=vp_stage,
         pp_rank=pp_rank,
     )
+    if config.multi_latent_attention and not use_te:
+        # The local spec's core attention cannot take MLA's head dims (attention.py).
+        block.layer_specs = [copy.deepcopy(spec) for spec in block.layer_specs]
+        for spec in block.layer_specs:
+            use_local_mla_core_attention(spec)
     if not config.mhc_enabled:
         return block
     return TransformerBlockSubmodules(

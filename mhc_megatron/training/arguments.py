@@ -5,11 +5,13 @@ import argparse
 from megatron.training.argument_utils import ArgumentGroupFactory, core_transformer_config_from_args
 
 from mhc_megatron.megatron.config import MHCTransformerConfig, mhc_fields, to_mhc_config
+from mhc_megatron.training.schedule import add_step_schedule_args
 
 
 def add_mhc_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds ``--cpu`` and one ``--mhc-*`` flag per MHCTransformerConfig field (help from the
-    field's docstring, choices from its Literal type) to Megatron's parser."""
+    """Adds ``--cpu``, the step LR schedule flags (schedule.py) and one ``--mhc-*`` flag per
+    MHCTransformerConfig field (help from the field's docstring, choices from its Literal type)
+    to Megatron's parser."""
     names = {f.name for f in mhc_fields()}
     excluded = [f for f in MHCTransformerConfig.__dataclass_fields__ if f not in names]
     ArgumentGroupFactory(MHCTransformerConfig, exclude=excluded).build_group(parser, "mHC")
@@ -20,6 +22,7 @@ def add_mhc_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Run on CPU with gloo (redirects Megatron-Core's hard-coded CUDA calls; "
         "see mhc_megatron/training/cpu.py). Never active on a GPU run.",
     )
+    add_step_schedule_args(parser)
     return parser
 
 
