@@ -27,6 +27,7 @@ def main() -> None:
     )
     from megatron.training.arguments import parse_and_validate_args
 
+    from mhc_megatron.megatron.diagnostics import install_training_diagnostics
     from mhc_megatron.megatron.model import MHCGPTModelConfig, mhc_layer_spec
     from mhc_megatron.training import gpt_step
     from mhc_megatron.training.arguments import add_mhc_args, mhc_transformer_config_from_args
@@ -39,6 +40,8 @@ def main() -> None:
     except ValueError as error:
         sys.exit(f"error: {error}")
     config = mhc_transformer_config_from_args(args)
+    if config.mhc_enabled:
+        install_training_diagnostics(config.mhc_diagnostics_interval)
     model_cfg = gpt_config_from_args(args, config=config, model_config_cls=MHCGPTModelConfig)
     if model_cfg.transformer_layer_spec is None:  # --spec given: the user's spec wins
         model_cfg.transformer_layer_spec = mhc_layer_spec

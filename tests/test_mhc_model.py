@@ -382,3 +382,32 @@ def test_local_mla_core_attention_refuses_what_it_cannot_compute():
             config=_config(), layer_number=1, attn_mask_type=AttnMaskType.no_mask,
             attention_type="self", k_channels=12, v_channels=8,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("recompute", ["none", "stage"])
+def test_diagnostics_recorder_records_every_site_once_when_armed(recompute):
+    """Sites offer their coefficients to the recorder only while it is armed, one record per
+    site up to ``max_records`` (a recompute re-running the coefficients must not add more)."""
+    from mhc_megatron.megatron.diagnostics import RECORDER, stability_statistics
+
+    model = _build(_config(mhc_recompute=recompute, **MOE)).train()
+    ids, pos = _inputs()
+    labels = torch.roll(ids, -1, dims=1)
+    model(ids, pos, None, labels=labels).sum().backward()
+    assert RECORDER.records == {}  # disarmed: nothing kept
+    RECORDER.arm(max_records=1)
+    try:
+        for _ in range(2):  # forward + backward twice: the second finds every site full
+            model(ids, pos, None, labels=labels).sum().backward()
+    finally:
+        RECORDER.disarm()
+    records, RECORDER.records = RECORDER.records, {}
+    assert sorted(records) == [f"L{i:03d}.{k}" for i in (1, 2, 3) for k in ("attention", "mlp")]
+    assert all(len(r) == 1 for r in records.values())
+    record = records["L002.mlp"][0]
+    assert record.h_res.shape == (2 * 16, 4, 4) and record.h_pre.shape == (2 * 16, 4)
+    stats = stability_statistics(records)
+    # Paper init at scale 0.01: H_res near J/n, doubly stochastic, so every gain is ~1.
+    for values in stats.values():
+        assert values["composite_fwd_gain"] == pytest.approx(1.0, abs=1e-4)
+        assert values["row_error"] < 1e-5 and values["col_error"] < 1e-3

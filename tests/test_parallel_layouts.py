@@ -59,6 +59,8 @@ TINY_MOE_MHC = [
     "--vocab-size", "256", "--make-vocab-size-divisible-by", "128",
     "--use-cpu-initialization", "--seed", "1234",
     "--train-iters", "4",
+    # Stability diagnostics at steps 2 and 4: every layout must gather all 8 sites.
+    "--mhc-diagnostics-interval", "2",
 ]  # fmt: skip
 # Megatron refuses MoE with tensor parallelism but without sequence parallelism
 # (moe_layer.py:629), so TP2 without SP is checked on the dense version of the model.
@@ -143,6 +145,7 @@ class Run:
         self.seconds = seconds
         self.loss = _scalars(tensorboard_dir, "lm loss")
         self.grad_norm = _scalars(tensorboard_dir, "grad-norm")
+        self.diagnostics = _scalars_under(tensorboard_dir, "mhc-stability/")
 
     def replica_differences(self) -> list[float]:
         return [float(d) for _, _, d in REPLICA_RE.findall(self.text)]
@@ -157,6 +160,21 @@ def _scalars(tensorboard_dir: Path, tag: str) -> dict[int, float]:
         accumulator.Reload()
         if tag in accumulator.Tags()["scalars"]:
             values.update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return values
+
+
+def _scalars_under(tensorboard_dir: Path, prefix: str) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[str, dict[int, float]] = {}
+    for events in sorted(tensorboard_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            if tag.startswith(prefix):
+                values.setdefault(tag, {}).update(
+                    {e.step: e.value for e in accumulator.Scalars(tag)}
+                )
     return values
 
 
@@ -238,6 +256,16 @@ def _assert_same_training(run: Run, reference: Run, steps=STEPS) -> None:
         ), step
 
 
+COMPOSITE_TAG = "mhc-stability/composite_fwd_gain/L"
+
+
+def run_sees_the_reference_tokens(name: str) -> bool:
+    """Whether the last rank's first micro-batch is the reference's: no data parallelism (EP
+    and extra ranks split the batch) and no sequence parallelism (it splits the tokens)."""
+    nproc, layout = LAYOUTS[name]
+    return "--sequence-parallel" not in layout and nproc == (2 if "pp2" in name else 1)
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_trains_the_single_rank_model(name, moe, layout_runs):
     _, _, reference = moe
@@ -245,6 +273,15 @@ def test_layout_trains_the_single_rank_model(name, moe, layout_runs):
     _assert_same_training(run, reference)
     if "mhc_recompute" in name:
         assert "mHC recompute: blocks of" in run.text
+    # The diagnostics see every site, gathered over pipeline stages, at steps 2 and 4.
+    assert run.diagnostics.keys() == reference.diagnostics.keys()
+    assert len([t for t in reference.diagnostics if t.startswith(COMPOSITE_TAG)]) == 8
+    assert all(sorted(v) == [2, 4] for v in run.diagnostics.values())
+    if run_sees_the_reference_tokens(name):
+        # Same micro-batch, same weights to float32 rounding: the same numbers.
+        for tag, values in reference.diagnostics.items():
+            for step, value in values.items():
+                assert run.diagnostics[tag][step] == pytest.approx(value, rel=1e-5, abs=1e-7)
     if "tp2" in name:
         differences = run.replica_differences()
         assert len(differences) >= 3 * 4  # 3 steps x 4 micro-batches (more with PP/DP)

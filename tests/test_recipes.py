@@ -130,7 +130,8 @@ def test_step_schedule_bad_flags_say_what_to_change(fractions, factors, style, m
 
     args = SimpleNamespace(
         lr_step_decay_fractions=fractions, lr_step_decay_factors=factors,
-        lr_decay_style=style, lr_warmup_fraction=None,
+        lr_decay_style=style, lr_warmup_fraction=None, lr_warmup_iters=10, lr_decay_iters=None,
+        train_iters=100,
     )  # fmt: skip
     with pytest.raises(ValueError, match=message):
         step_milestones(args)

@@ -65,6 +65,13 @@ class MHCTransformerConfig(TransformerConfig):
     [s, b, n*C] and each sublayer's branch output [s, b, C]; backward rebuilds the streams from
     them without re-running attention or the MLP."""
 
+    mhc_diagnostics_interval: int = 0
+    """Every this many iterations (0: never), record the coefficients of every site for one
+    micro-batch and write the stability diagnostics to TensorBoard (mhc-stability/...): amax
+    gains of each H_res and of the composite product up to each site (forward: largest row sum,
+    backward: largest column sum), Sinkhorn row/column errors, mean h_pre and h_post
+    (mhc_megatron/megatron/diagnostics.py)."""
+
     def __post_init__(self):
         self._check_mhc_fields()
         if self.mhc_variant != "residual" and self.kv_channels is None:
@@ -109,6 +116,11 @@ class MHCTransformerConfig(TransformerConfig):
                 f"mhc_sinkhorn_iters={self.mhc_sinkhorn_iters} must be >= 1 (--mhc-sinkhorn-iters)",
             ),
             (self.mhc_eps > 0, f"mhc_eps={self.mhc_eps} must be > 0 (--mhc-eps; default 1e-6)"),
+            (
+                self.mhc_diagnostics_interval >= 0,
+                f"mhc_diagnostics_interval={self.mhc_diagnostics_interval} must be >= 0 "
+                "(--mhc-diagnostics-interval; 0 turns the diagnostics off)",
+            ),
             (
                 self.mhc_gating_init >= 0,
                 f"mhc_gating_init={self.mhc_gating_init} must be >= 0 (--mhc-gating-init)",

@@ -45,8 +45,8 @@ class MHCTransformerLayer(TransformerLayer):
     def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs):
         super().__init__(config, submodules, layer_number, *args, **kwargs)
         layer_index = self.layer_number - 1
-        self.self_attention_hyper_connection = MHCSite(config, layer_index)
-        self.mlp_hyper_connection = MHCSite(config, layer_index)
+        self.self_attention_hyper_connection = MHCSite(config, layer_index, "attention")
+        self.mlp_hyper_connection = MHCSite(config, layer_index, "mlp")
 
     def forward(self, hidden_states: torch.Tensor, **kwargs):
         """One layer on the n-stream residual.

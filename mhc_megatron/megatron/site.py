@@ -8,6 +8,7 @@ from megatron.core.transformer.module import MegatronModule
 from mhc_megatron import ops
 from mhc_megatron.megatron.backend import site_ops
 from mhc_megatron.megatron.config import MHCTransformerConfig
+from mhc_megatron.megatron.diagnostics import RECORDER
 
 # Off-diagonal static res logit of the residual-equivalent init: exp(-12) * (n - 1) < 1e-4 for
 # n <= 8, so H_res is the identity to within the spec's 1e-4.
@@ -73,8 +74,9 @@ class MHCSite(KeepFP32Module):
         layer_index: 0-based global layer index (for HC's paper init).
     """
 
-    def __init__(self, config: MHCTransformerConfig, layer_index: int):
+    def __init__(self, config: MHCTransformerConfig, layer_index: int, kind: str = "attention"):
         super().__init__(config=config)
+        self.layer_index, self.kind = layer_index, kind  # names it in the diagnostics
         n, c = config.mhc_num_streams, config.hidden_size
         self.num_streams = n
         # On the default device (CPU, or an ambient torch.device such as meta when counting
@@ -108,7 +110,10 @@ class MHCSite(KeepFP32Module):
         if self.config.mhc_variant == "hc":
             # The fused coefficients kernel is mHC's (Sinkhorn); HC, a baseline for stability
             # studies, keeps the torch ops here and uses the fused mixes in the layer.
-            return ops.hc_coefficients(x, fn, base, scale, eps=self.config.mhc_eps)
-        return site_ops(self.config, x.device).mhc_coefficients(
-            x, fn, base, scale, iters=self.config.mhc_sinkhorn_iters, eps=self.config.mhc_eps
-        )
+            coefficients = ops.hc_coefficients(x, fn, base, scale, eps=self.config.mhc_eps)
+        else:
+            coefficients = site_ops(self.config, x.device).mhc_coefficients(
+                x, fn, base, scale, iters=self.config.mhc_sinkhorn_iters, eps=self.config.mhc_eps
+            )
+        RECORDER.offer(self.layer_index + 1, self.kind, *coefficients)  # no-op unless armed
+        return coefficients

@@ -61,6 +61,13 @@ def step_milestones(args: argparse.Namespace) -> tuple[tuple[float, float], ...]
             "--lr-step-decay-fractions counts in --lr-decay-iters; give the warmup with "
             "--lr-warmup-iters instead of --lr-warmup-fraction"
         )
+    decay_iters = args.lr_decay_iters or args.train_iters
+    if decay_iters is not None and args.lr_warmup_iters >= decay_iters:
+        # Megatron's scheduler asserts this without a message.
+        raise ValueError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters / "
+            f"--train-iters ({decay_iters}); lower the warmup or train longer"
+        )
     return tuple(zip(fractions, factors, strict=True))
 
 

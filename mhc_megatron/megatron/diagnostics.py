@@ -1,0 +1,244 @@
+"""Stability diagnostics of the mHC sites (spec section 5): amax gains, Sinkhorn errors, gates.
+
+The paper's measure of stability is the amax gain of the residual mixing. For a matrix ``H``
+mixing the n streams, the forward gain is its largest absolute row sum (how much a stream can
+grow in the forward pass) and the backward gain its largest absolute column sum (the same for
+gradients, which flow through ``H^T``). Per site this module reports the gains of the site's own
+``H_res`` and of the composite product ``H_res(k) @ ... @ H_res(1)`` over all sites up to it
+(attention and MLP sites count separately), each averaged over tokens; plus the Sinkhorn row
+and column errors (largest ``|sum - 1|`` over tokens) and the mean ``h_pre`` and ``h_post``.
+
+Recording is off unless ``RECORDER`` is armed: every MHCSite offers its coefficients to it.
+Training arms it for one micro-batch every ``--mhc-diagnostics-interval`` iterations
+(``install_training_diagnostics``); ``tools/stability_report.py`` arms it for evaluation batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+SITE_KINDS = ("attention", "mlp")
+# Tokens kept per site and record: enough for stable means, and the composite product over
+# 2 * layers sites stays a few MB when gathered over pipeline stages.
+MAX_TOKENS = 1024
+
+
+def amax_gains(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward amax gains of mixing matrices.
+
+    Args:
+        h: ``[..., n, n]``; ``h[..., i, j]`` mixes stream j into stream i.
+
+    Returns:
+        ``(forward [...], backward [...])``: largest absolute row sum, largest absolute column
+        sum.
+    """
+    a = h.abs()
+    return a.sum(-1).amax(-1), a.sum(-2).amax(-1)
+
+
+def site_key(layer_number: int, kind: str) -> str:
+    """``"L003.attention"``: sorts in model order (layer, then attention before mlp)."""
+    return f"L{layer_number:03d}.{kind}"
+
+
+@dataclass
+class SiteRecord:
+    """The coefficients of one site for one batch (sampled tokens, fp32, CPU).
+
+    ``h_pre [T, n]``, ``h_post [T, n]``, ``h_res [T, n, n]``.
+    """
+
+    h_pre: torch.Tensor
+    h_post: torch.Tensor
+    h_res: torch.Tensor
+
+
+def _sample(t: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``[s, b, ...]`` to ``[min(s*b, tokens), ...]`` fp32 on CPU, evenly strided tokens (the
+    same indices on every pipeline stage, so the composite product pairs the same tokens)."""
+    flat = t.detach().flatten(0, 1)
+    step = max(1, -(-flat.shape[0] // tokens))
+    return flat[::step][:tokens].float().cpu()
+
+
+@dataclass
+class Recorder:
+    """Collects site coefficients while armed.
+
+    Attributes:
+        armed: whether sites record.
+        max_records: records kept per site while armed (1 in training: the first micro-batch;
+            Megatron's full recompute re-runs the forward in backward and must not add more).
+        records: ``{site_key: [SiteRecord, ...]}``.
+    """
+
+    armed: bool = False
+    max_records: int = 1
+    max_tokens: int = MAX_TOKENS
+    records: dict[str, list[SiteRecord]] = field(default_factory=dict)
+
+    def arm(self, max_records: int = 1) -> None:
+        """Starts recording, dropping earlier records."""
+        self.records, self.max_records, self.armed = {}, max_records, True
+
+    def disarm(self) -> None:
+        """Stops recording; keeps the records."""
+        self.armed = False
+
+    def offer(self, layer_number: int, kind: str, h_pre, h_post, h_res) -> None:
+        """Called by every site with its coefficients ``[s, b, n]``, ``[s, b, n]``,
+        ``[s, b, n, n]``; records them when armed and the site has room."""
+        if not self.armed:
+            return
+        records = self.records.setdefault(site_key(layer_number, kind), [])
+        if len(records) < self.max_records:
+            records.append(
+                SiteRecord(*(_sample(t, self.max_tokens) for t in (h_pre, h_post, h_res)))
+            )
+
+
+RECORDER = Recorder()
+
+
+def stability_statistics(records: dict[str, list[SiteRecord]]) -> dict[str, dict[str, float]]:
+    """Per-site statistics from the records of consecutive sites.
+
+    The composite product runs over the sites in ``site_key`` order; record ``r`` of every site
+    must come from the same batch (the same tokens). Means are over tokens, then over records.
+
+    Args:
+        records: ``{site_key: [SiteRecord, ...]}`` (all sites with the same number of records).
+
+    Returns:
+        ``{site_key: {"fwd_gain", "bwd_gain", "composite_fwd_gain", "composite_bwd_gain",
+        "row_error", "col_error", "h_pre_mean", "h_post_mean"}}`` in model order. Errors are
+        maxima over tokens and records; the rest are means.
+    """
+    keys = sorted(records)
+    if not keys:
+        return {}
+    batches = min(len(records[k]) for k in keys)
+    sums: dict[str, dict[str, float]] = {k: {} for k in keys}
+    for r in range(batches):
+        composite = None
+        for key in keys:
+            rec = records[key][r]
+            h = rec.h_res.double()  # the product of many matrices: keep rounding out of it
+            composite = h if composite is None else h @ composite
+            fwd, bwd = amax_gains(h)
+            cfwd, cbwd = amax_gains(composite)
+            values = {
+                "fwd_gain": fwd.mean().item(),
+                "bwd_gain": bwd.mean().item(),
+                "composite_fwd_gain": cfwd.mean().item(),
+                "composite_bwd_gain": cbwd.mean().item(),
+                "h_pre_mean": rec.h_pre.mean().item(),
+                "h_post_mean": rec.h_post.mean().item(),
+            }
+            for name, value in values.items():
+                sums[key][name] = sums[key].get(name, 0.0) + value / batches
+            for name, dim in (("row_error", -1), ("col_error", -2)):
+                error = (h.sum(dim) - 1).abs().max().item()
+                sums[key][name] = max(sums[key].get(name, 0.0), error)
+    return sums
+
+
+def summarize(stats: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The headline numbers: composite gains at the last site, largest single-site gains and
+    Sinkhorn errors."""
+    if not stats:
+        return {}
+    last = stats[next(reversed(stats))]
+    return {
+        "composite_fwd_gain_last": last["composite_fwd_gain"],
+        "composite_bwd_gain_last": last["composite_bwd_gain"],
+        "composite_fwd_gain_max": max(s["composite_fwd_gain"] for s in stats.values()),
+        "composite_bwd_gain_max": max(s["composite_bwd_gain"] for s in stats.values()),
+        "fwd_gain_max": max(s["fwd_gain"] for s in stats.values()),
+        "bwd_gain_max": max(s["bwd_gain"] for s in stats.values()),
+        "row_error_max": max(s["row_error"] for s in stats.values()),
+        "col_error_max": max(s["col_error"] for s in stats.values()),
+    }
+
+
+def gather_records(records: dict[str, list[SiteRecord]], group) -> dict[str, list[SiteRecord]]:
+    """All pipeline stages' records on every rank of ``group`` (the pipeline group)."""
+    import torch.distributed as dist
+
+    if group is None or dist.get_world_size(group) == 1:
+        return records
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, records, group=group)
+    merged: dict[str, list[SiteRecord]] = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
+def write_tensorboard(writer, stats: dict[str, dict[str, float]], iteration: int) -> None:
+    """``mhc-stability/<metric>/<site>`` per site and ``mhc-stability/<headline>`` scalars."""
+    for key, values in stats.items():
+        for name, value in values.items():
+            writer.add_scalar(f"mhc-stability/{name}/{key}", value, iteration)
+    for name, value in summarize(stats).items():
+        writer.add_scalar(f"mhc-stability/{name}", value, iteration)
+    writer.flush()
+
+
+def install_training_diagnostics(interval: int) -> None:
+    """Makes Megatron's ``train_step`` record one micro-batch every ``interval`` iterations.
+
+    Megatron calls ``megatron.training.training.train_step`` once per iteration with
+    ``args.curr_iteration`` set to the iterations done; the wrapper arms ``RECORDER`` around due
+    steps, gathers the records of every pipeline stage, writes TensorBoard scalars at the step
+    Megatron's own scalars use (iterations done after the step) and prints the headline numbers
+    on the last rank.
+    """
+    if interval <= 0:
+        return
+    from megatron.core import parallel_state
+    from megatron.training import get_args, get_tensorboard_writer, training
+    from megatron.training.utils import print_rank_last
+
+    step = training.train_step
+    if getattr(step, "mhc_diagnostics", False):  # installed before: wrap the original once
+        step = step.__wrapped__
+
+    @functools.wraps(step)
+    def train_step_with_diagnostics(*args, **kwargs):
+        iteration = get_args().curr_iteration + 1
+        due = iteration % interval == 0
+        if due:
+            RECORDER.arm(max_records=1)
+        try:
+            result = step(*args, **kwargs)
+        finally:
+            RECORDER.disarm()
+        if due:
+            records = gather_records(
+                RECORDER.records, parallel_state.get_pipeline_model_parallel_group()
+            )
+            RECORDER.records = {}
+            stats = stability_statistics(records)
+            writer = get_tensorboard_writer()
+            if writer is not None and stats:
+                write_tensorboard(writer, stats, iteration)
+            if stats:
+                head = summarize(stats)
+                print_rank_last(
+                    f"mHC stability at iteration {iteration}: composite amax gain at the last "
+                    f"site fwd {head['composite_fwd_gain_last']:.4g} bwd "
+                    f"{head['composite_bwd_gain_last']:.4g}; largest single-site gain fwd "
+                    f"{head['fwd_gain_max']:.4g} bwd {head['bwd_gain_max']:.4g}; largest "
+                    f"|row sum - 1| {head['row_error_max']:.2e}, |column sum - 1| "
+                    f"{head['col_error_max']:.2e} "
+                    f"({len(stats)} sites)"
+                )
+        return result
+
+    train_step_with_diagnostics.mhc_diagnostics = True
+    training.train_step = train_step_with_diagnostics
