@@ -417,7 +417,11 @@ def run_requirements_filter(df: Dockerfile, requirements_text: str, tmp: Path) -
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **df.envs[runs[0]]}
     shell = df.shell if shutil.which(df.shell[0]) else ["bash", "-c"]
     result = subprocess.run(
-        [*shell, df.run_command(runs[0])], cwd=tmp, env=env, capture_output=True, text=True,
+        [*shell, df.run_command(runs[0])],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=60,
     )
     if result.returncode != 0:
@@ -574,8 +578,11 @@ def check_environment(df: Dockerfile) -> list[str]:
     ]
     secret = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|CREDENTIAL", re.I)
     for i in df.find("ARG") + df.find("ENV"):
-        problems += [f"{df.stage[i].keyword} {n} looks like a secret" for n in
-                     key_values(df.stage[i]) if secret.search(n)]
+        problems += [
+            f"{df.stage[i].keyword} {n} looks like a secret"
+            for n in key_values(df.stage[i])
+            if secret.search(n)
+        ]
     return problems
 
 
@@ -588,7 +595,9 @@ def check_run_syntax(df: Dockerfile) -> list[str]:
         if exec_form(df.stage[i].args) is not None:
             continue
         result = subprocess.run(
-            [shell[0], "-n", *shell[1:], df.stage[i].args], capture_output=True, text=True,
+            [shell[0], "-n", *shell[1:], df.stage[i].args],
+            capture_output=True,
+            text=True,
             timeout=30,
         )
         if result.returncode != 0:
@@ -669,23 +678,32 @@ MUTATIONS = {
     "ignored source": ("copy", "dockerignore", _append("requirements.txt\n")),
     "venv in context": ("context", "dockerignore", _replace("\n.venv\n", "\n")),
     "caches at root only": (
-        "context", "dockerignore", _replace("**/__pycache__\n**/*.py[cod]", "__pycache__\n*.pyc"),
+        "context",
+        "dockerignore",
+        _replace("**/__pycache__\n**/*.py[cod]", "__pycache__\n*.pyc"),
     ),
     "scripts ignored": ("context", "dockerignore", _append("**/*.sh\n")),
     "exclusion added": ("install", "dockerfile", _replace('"torch triton"', '"torch einops"')),
     "torch not excluded": ("install", "dockerfile", _replace('"torch triton"', '"triton"')),
     "filter drops einops": (
-        "install", "dockerfile", _replace("(${names})(", "(${names}|einops)("),
+        "install",
+        "dockerfile",
+        _replace("(${names})(", "(${names}|einops)("),
     ),
     "filter changes pins": (
-        "install", "dockerfile",
+        "install",
+        "dockerfile",
         _replace(FILTER, FILTER.replace("requirements.txt", "requirements.txt | sed s/==/~=/")),
     ),
     "unfiltered install": (
-        "install", "dockerfile", _replace(f"-r {FILTERED_REQUIREMENTS}", "-r requirements.txt"),
+        "install",
+        "dockerfile",
+        _replace(f"-r {FILTERED_REQUIREMENTS}", "-r requirements.txt"),
     ),
     "no constraint": (
-        "install", "dockerfile", _replace("PIP_CONSTRAINT=/etc/pip/mhc-constraint.txt \\", "\\"),
+        "install",
+        "dockerfile",
+        _replace("PIP_CONSTRAINT=/etc/pip/mhc-constraint.txt \\", "\\"),
     ),
     "project with deps": ("install", "dockerfile", _replace("--no-deps -e .", "-e .")),
     "torch installed": ("install", "dockerfile", _append("RUN pip install --no-deps torch\n")),
@@ -697,10 +715,14 @@ MUTATIONS = {
     "missing command": ("command", "dockerfile", _replace("examples/tiny/train.sh", "ex/t.sh")),
     "shell form": ("command", "dockerfile", _replace('CMD ["examples/tiny/train.sh"]', "CMD x")),
     "not executable": (
-        "command", "dockerfile", _replace("examples/tiny/train.sh", "tools/preprocess_data.py"),
+        "command",
+        "dockerfile",
+        _replace("examples/tiny/train.sh", "tools/preprocess_data.py"),
     ),
     "no max connections": (
-        "environment", "dockerfile", _replace(" CUDA_DEVICE_MAX_CONNECTIONS=1\n", " X=1\n"),
+        "environment",
+        "dockerfile",
+        _replace(" CUDA_DEVICE_MAX_CONNECTIONS=1\n", " X=1\n"),
     ),
     "secret": ("environment", "dockerfile", _append("ARG HF_TOKEN=hf_abc\n")),
     "unclosed if": ("syntax", "dockerfile", _replace("; fi \\", " \\")),
@@ -735,7 +757,9 @@ def test_parser_joins_continuations_and_skips_comments():
     text = 'FROM a:1\n# c\nRUN echo 1 \\\n  # inside\n  && echo 2\nCMD ["x", "y"]\n'
     instructions = parse_dockerfile(text)
     assert [(i.keyword, i.args, i.line) for i in instructions] == [
-        ("FROM", "a:1", 1), ("RUN", "echo 1 && echo 2", 3), ("CMD", '["x", "y"]', 6),
+        ("FROM", "a:1", 1),
+        ("RUN", "echo 1 && echo 2", 3),
+        ("CMD", '["x", "y"]', 6),
     ]
     assert exec_form(instructions[2].args) == ["x", "y"]
 

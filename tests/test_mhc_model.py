@@ -100,13 +100,14 @@ MLA = dict(
 )
 
 
+@pytest.mark.parametrize("variant", ["mhc", "mhc-lite", "hc"])
 @pytest.mark.parametrize("extra", [{}, MOE, {**MOE, **MLA}], ids=["dense", "moe", "moe-mla-local"])
-def test_residual_init_matches_plain_gpt(extra):
+def test_residual_init_matches_plain_gpt(extra, variant):
     """Spec section 4: scale 0, residual init and mean collapse compute the plain model."""
     torch.manual_seed(0)
     plain = _build(_config(mhc_variant="residual", **extra)).eval()
     mhc = _build(
-        _config(mhc_variant="mhc", mhc_init="residual", mhc_collapse="mean", **extra)
+        _config(mhc_variant=variant, mhc_init="residual", mhc_collapse="mean", **extra)
     ).eval()
     state = {
         k.replace("decoder.final_layernorm.", "decoder.final_layernorm.norm."): v
@@ -135,7 +136,7 @@ def test_residual_init_matches_plain_gpt(extra):
         assert not torch.allclose(mhc(ids, pos, None), expected, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("variant", ["hc", "mhc"])
+@pytest.mark.parametrize("variant", ["hc", "mhc", "mhc-lite"])
 @pytest.mark.parametrize("collapse", ["head", "mean"])
 def test_every_parameter_gets_a_gradient(variant, collapse):
     model = _build(_config(mhc_variant=variant, mhc_collapse=collapse, **MOE)).train()
@@ -182,6 +183,10 @@ def test_hc_paper_init_reads_one_stream_per_layer():
         (dict(mhc_recompute="often"), "use none, stage or a block length"),
         (dict(mhc_recompute="0"), "use none, stage or a block length"),
         (dict(fp32_residual_connection=True), "drop the flag"),
+        (
+            dict(mhc_variant="mhc-lite", mhc_num_streams=7),
+            "mhc_num_streams=7 is above 6 (--mhc-num-streams",
+        ),
     ],
 )
 def test_bad_configs_say_what_to_change(overrides, message):
@@ -247,13 +252,15 @@ def test_backend_resolution(monkeypatch):
         resolve_backend(_config(mhc_backend="triton"), cpu)
 
 
-def test_triton_backend_trains_the_same_model_as_torch():
+@pytest.mark.parametrize("variant", ["mhc", "mhc-lite"])
+def test_triton_backend_trains_the_same_model_as_torch(variant):
     """--mhc-backend triton (the fused kernels, here in Triton's interpreter) against the torch
-    ops on a whole MoE model: logits and every parameter's gradient, fp32."""
+    ops on a whole MoE model: logits and every parameter's gradient, fp32. mhc-lite keeps torch
+    coefficients and uses the fused mixes."""
     assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
     torch.manual_seed(0)
-    reference = _build(_config(mhc_backend="torch", **MOE)).train()
-    fused = _build(_config(mhc_backend="triton", **MOE)).train()
+    reference = _build(_config(mhc_backend="torch", mhc_variant=variant, **MOE)).train()
+    fused = _build(_config(mhc_backend="triton", mhc_variant=variant, **MOE)).train()
     for name, param in reference.named_parameters():
         if name.endswith("hyper_connection.scale"):
             param.data.fill_(0.5)  # large enough that the streams mix unevenly

@@ -9,10 +9,11 @@ import torch
 from mhc_megatron import ops
 
 
-def _site_params(n: int, c: int, generator: torch.Generator, dtype=torch.float64):
+def _site_params(n: int, c: int, generator: torch.Generator, dtype=torch.float64, lite=False):
     """Random ``(fn, base, scale)`` of one site, scaled so the logits span a few units."""
-    fn = torch.randn(n * n + 2 * n, n * c, generator=generator, dtype=dtype)
-    base = torch.randn(n * n + 2 * n, generator=generator, dtype=dtype)
+    rows = 2 * n + (math.factorial(n) if lite else n * n)
+    fn = torch.randn(rows, n * c, generator=generator, dtype=dtype)
+    base = torch.randn(rows, generator=generator, dtype=dtype)
     scale = torch.rand(3, generator=generator, dtype=dtype) + 0.5
     return fn, base, scale
 
@@ -180,6 +181,48 @@ def test_streams_expand_and_collapse():
         ops.collapse_head(streams, torch.zeros(n, c), torch.zeros(n), torch.zeros(1))
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_mhc_lite_is_exactly_doubly_stochastic(n):
+    """Birkhoff-von Neumann by construction: rows and columns sum to 1 to fp32 rounding (mHC's
+    Sinkhorn leaves columns off by up to 1e-3), for any logits, large ones included."""
+    gen = torch.Generator().manual_seed(n)
+    fn, base, scale = _site_params(n, 5, gen, dtype=torch.float32, lite=True)
+    x = torch.randn(64, n, 5, generator=gen) * 30.0
+    h_pre, h_post, h_res = ops.mhc_lite_coefficients(x, fn, base * 10, scale * 10)
+    assert h_res.shape == (64, n, n) and h_pre.shape == h_post.shape == (64, n)
+    assert h_res.min() >= 0
+    # fp32: a sum of n! weights, each rounded once: a few ulps.
+    torch.testing.assert_close(h_res.sum(-1), torch.ones(64, n), rtol=0, atol=2e-6)
+    torch.testing.assert_close(h_res.sum(-2), torch.ones(64, n), rtol=0, atol=2e-6)
+
+
+def test_mhc_lite_coefficients_by_hand():
+    """n = 2: H_res = w0 I + w1 [[0, 1], [1, 0]], w = softmax(a_res * m_res + b_res)."""
+    x = torch.tensor([[3.0], [4.0]])
+    fn = torch.zeros(6, 2)
+    fn[5] = torch.tensor([1.0, 1.0])  # swap's logit gets 7 / rms
+    base = torch.zeros(6)
+    base[4] = 0.25  # identity's static logit
+    scale = torch.tensor([1.0, 1.0, 0.5])
+    _, _, h_res = ops.mhc_lite_coefficients(x, fn, base, scale, eps=1e-6)
+    logits = torch.tensor([0.25, 0.5 * 7 / math.sqrt(12.5 + 1e-6)])
+    w = torch.softmax(logits, 0)
+    expected = torch.tensor([[w[0], w[1]], [w[1], w[0]]])
+    torch.testing.assert_close(h_res, expected, rtol=1e-6, atol=0)
+    perms = ops.permutation_matrices(3)
+    assert perms.shape == (6, 3, 3) and torch.equal(perms[0], torch.eye(3))
+    assert torch.equal(perms.sum(0), torch.full((3, 3), 2.0))  # each (i, j) in (n-1)! of them
+
+
+def test_mhc_lite_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"fn \[n!\+2n, n\*C\]"):
+        ops.mhc_lite_coefficients(
+            torch.zeros(2, 3, 4), torch.zeros(15, 12), torch.zeros(15), torch.ones(3)
+        )
+    with pytest.raises(ValueError, match="outside 1..6"):
+        ops.permutation_matrices(7)
+
+
 def test_residual_equivalent_res_logits_give_identity():
     n = 4
     base_res = torch.full((n, n), -12.0).fill_diagonal_(0.0)
@@ -195,17 +238,20 @@ def test_gradcheck_sinkhorn(n):
     assert torch.autograd.gradcheck(lambda v: ops.sinkhorn(v, iters=5, eps=1e-6), (logits,))
 
 
-@pytest.mark.parametrize("coefficients", ["mhc", "hc"])
+@pytest.mark.parametrize("coefficients", ["mhc", "hc", "mhc-lite"])
 def test_gradcheck_coefficients(coefficients):
     gen = torch.Generator().manual_seed(3)
-    n, c = 2, 3
-    fn, base, scale = _site_params(n, c, gen)
+    n = 3 if coefficients == "mhc-lite" else 2  # 3! = 6 permutations: more than transpositions
+    c = 3
+    fn, base, scale = _site_params(n, c, gen, lite=coefficients == "mhc-lite")
     x = torch.randn(3, n, c, generator=gen, dtype=torch.float64)
     inputs = tuple(t.requires_grad_() for t in (x, fn, base, scale))
     if coefficients == "mhc":
 
         def fun(*args):
             return ops.mhc_coefficients(*args, iters=4)
+    elif coefficients == "mhc-lite":
+        fun = ops.mhc_lite_coefficients
     else:
         fun = ops.hc_coefficients
     assert torch.autograd.gradcheck(fun, inputs)

@@ -6,8 +6,11 @@ imported once per test session; one test runs it as a subprocess to cover the co
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
 import warnings
@@ -127,20 +130,39 @@ def test_text_files_are_one_document_each(tmp_path, run_tool):
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-def test_multiple_files_glob_and_workers_match(tmp_path, run_tool):
+def test_multiple_files_glob_and_workers_match(tmp_path, run_tool, tool, monkeypatch):
+    """--workers 2 tokenizes in two other processes; output and order are those of --workers 1."""
     shards = [[f"shard {s} doc {i} " + "x" * (i % 7) for i in range(40)] for s in range(3)]
     for s, docs in enumerate(shards):
         write_jsonl(tmp_path / f"shard_{s}.jsonl", docs)
     expected = [byte_ids(d, True) for docs in shards for d in docs]
+    # The file system's listing order is arbitrary: hand the tool the worst one, reversed.
+    real_glob = tool.glob.glob
+    monkeypatch.setattr(tool.glob, "glob", lambda *a, **k: sorted(real_glob(*a, **k))[::-1])
+    # Each tokenizer call leaves its process id behind; forked workers inherit the patch.
+    real_tokenize = tool.ByteLevelTokenizer.tokenize_batch
+
+    def tokenize_recording_pid(self, texts):
+        (pid_dir / str(os.getpid())).touch()
+        return real_tokenize(self, texts)
+
+    monkeypatch.setattr(tool.ByteLevelTokenizer, "tokenize_batch", tokenize_recording_pid)
     results = {}
     for workers in (1, 2):
+        pid_dir = tmp_path / f"pids{workers}"
+        pid_dir.mkdir()
         prefix = tmp_path / f"out{workers}" / "c"
-        code, _, err = run_tool(
+        code, out, err = run_tool(
             "--input", tmp_path / "shard_*.jsonl", "--output-prefix", prefix,
             "--tokenizer-type", "ByteLevel", "--append-eod", "--workers", workers,
         )  # fmt: skip
         assert code == 0, err
-        assert workers == 1 or "num_proc=2" in err
+        assert f"workers {workers}" in out
+        pids = {int(p.name) for p in pid_dir.iterdir()}
+        if workers == 1:
+            assert pids == {os.getpid()}
+        else:
+            assert len(pids) == 2 and os.getpid() not in pids
         assert read_docs(f"{prefix}_text_document") == expected
         results[workers] = [
             Path(f"{prefix}_text_document{ext}").read_bytes() for ext in (".bin", ".idx")
@@ -188,93 +210,175 @@ def test_empty_documents_are_skipped(tmp_path, run_tool):
     assert "skipped 1 empty" in out
 
 
-def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
-    """Bad input cases: name -> (arguments, text the error must mention).
+def _bad_files(directory: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
+    """Write one input file per kind of bad contents, all refused or skipped (--skip-bad-files).
 
-    The arguments start with ``--input <bad file>``.
+    Returns:
+        Kind -> (path, texts its error must mention besides the path).
     """
-    (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "blank.jsonl").write_text("\n\n  \n")
-    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": "ok"}\nnot json\n')
-    write_jsonl(tmp_path / "nokey.jsonl", ["a", "b"], key="content")
-    (tmp_path / "somekey.jsonl").write_text('{"text": "a"}\n{"content": "b"}\n')
-    (tmp_path / "numbers.jsonl").write_text('{"text": 1}\n{"text": 2}\n')
-    write_jsonl(tmp_path / "allempty.jsonl", ["", ""])
-    (tmp_path / "data.csv").write_text("text\nhello\n")
-    (tmp_path / "notes.txt").write_text("some text")
-    return {
-        "missing": (["--input", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
-        "glob": (["--input", str(tmp_path / "nothing_*.jsonl")], "nothing_*.jsonl"),
-        "empty": (["--input", str(tmp_path / "empty.jsonl")], "empty.jsonl"),
-        "blank": (["--input", str(tmp_path / "blank.jsonl")], "blank.jsonl"),
-        "broken": (["--input", str(tmp_path / "broken.jsonl")], "broken.jsonl"),
-        "nokey": (["--input", str(tmp_path / "nokey.jsonl")], "nokey.jsonl"),
-        "somekey": (["--input", str(tmp_path / "somekey.jsonl")], "somekey.jsonl"),
-        "numbers": (["--input", str(tmp_path / "numbers.jsonl")], "numbers.jsonl"),
-        "allempty": (["--input", str(tmp_path / "allempty.jsonl")], "'text'"),
-        "extension": (["--input", str(tmp_path / "data.csv")], "data.csv"),
-        "textkey": (
-            ["--input", str(tmp_path / "notes.txt"), "--json-keys", "body"],
-            "notes.txt",
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = [json.dumps({"text": f"doc {i}"}) + "\n" for i in range(6)]
+    files = {
+        "empty": ("empty.jsonl", b"", ("0 bytes",)),
+        "blank": ("blank.jsonl", b"\n\n  \n", ("no documents",)),
+        "broken": ("broken.jsonl", b'{"text": "ok"}\n{"text": "ok"}\nnot json\n', ("line 3",)),
+        "nokey": ("nokey.jsonl", b'{"content": "a"}\n', ("'text'", "--json-keys")),
+        "somekey": ("somekey.jsonl", b'{"text": "a"}\n{"content": "b"}\n', ("record 2", "'text'")),
+        "numbers": ("numbers.jsonl", b'{"text": 1}\n{"text": 2}\n', ("not text",)),
+        "allempty": ("allempty.jsonl", b'{"text": ""}\n{"text": ""}\n', ("'text'", "empty")),
+        "blank_text": ("blank.txt", b"\n \n", ("'text'", "whitespace")),
+        "latin1_json": ("latin1.jsonl", b'{"text": "a"}\n{"text": "\xe9"}\n', ("line 2", "UTF-8")),
+        "latin1_text": ("latin1.txt", b"caf\xe9\n", ("UTF-8",)),
+        "truncated_gz": (
+            "truncated.jsonl.gz", gzip.compress("".join(lines).encode())[:-20], ("truncated",)
         ),
+        "broken_gz": (
+            "broken.jsonl.gz", gzip.compress("".join([*lines[:3], "{oops\n", *lines]).encode()),
+            ("line 4",),
+        ),
+    }  # fmt: skip
+    for name, data, _ in files.values():
+        (directory / name).write_bytes(data)
+    out = {kind: (directory / name, needles) for kind, (name, _, needles) in files.items()}
+    pq.write_table(pa.table({"text": DOCS_A}), directory / "whole.parquet")
+    data = (directory / "whole.parquet").read_bytes()
+    (directory / "truncated.parquet").write_bytes(data[: len(data) // 2])
+    out["truncated_parquet"] = (directory / "truncated.parquet", ("parquet",))
+    return out
+
+
+def _bad_arguments(directory: Path) -> dict[str, tuple[list[str], str]]:
+    """Argument mistakes, always refused: name -> (arguments after --input, text of the error)."""
+    (directory / "data.csv").write_text("text\nhello\n")
+    (directory / "notes.txt").write_text("some text")
+    return {
+        "missing": ([str(directory / "missing.jsonl")], "missing.jsonl"),
+        "glob": ([str(directory / "nothing_*.jsonl")], "nothing_*.jsonl"),
+        "extension": ([str(directory / "data.csv")], "data.csv"),
+        "textkey": ([str(directory / "notes.txt"), "--json-keys", "body"], "notes.txt"),
     }
 
 
-BAD_CASES = [
-    "missing", "glob", "empty", "blank", "broken", "nokey", "somekey", "numbers", "allempty",
-    "extension", "textkey",
+BAD_FILES = [
+    "empty", "blank", "broken", "nokey", "somekey", "numbers", "allempty", "blank_text",
+    "latin1_json", "latin1_text", "truncated_gz", "broken_gz", "truncated_parquet",
 ]  # fmt: skip
+BAD_ARGUMENTS = ["missing", "glob", "extension", "textkey"]
 
 
-@pytest.mark.parametrize("case", BAD_CASES)
+@pytest.mark.parametrize("case", BAD_FILES + BAD_ARGUMENTS)
 def test_bad_input_fails_cleanly(tmp_path, run_tool, case):
-    extra, needle = _bad_inputs(tmp_path)[case]
-    if case != "allempty":  # that one must fail while writing, so give it no text at all
-        # A good file too, whose documents must not end up half-written.
-        good = write_jsonl(tmp_path / "good.jsonl", DOCS_A)
-        extra = [*extra[:2], str(good), *extra[2:]]
+    """Refused, naming the file (and line or record), after a good file, with nothing written."""
+    good = write_jsonl(tmp_path / "good.jsonl", DOCS_A)
+    if case in BAD_FILES:
+        path, needles = _bad_files(tmp_path)[case]
+        inputs = [str(path)]
+        needles = (str(path), *needles)
+    else:
+        inputs, needle = _bad_arguments(tmp_path)[case]
+        needles = (needle,)
     out_dir = tmp_path / "out"
     code, _, err = run_tool(
-        *extra, "--output-prefix", out_dir / "bad", "--tokenizer-type", "ByteLevel", "--append-eod"
-    )
-    assert code != 0
-    assert needle in err, err
-    assert err.strip().splitlines()[-1].startswith("error: ")
+        "--input", good, *inputs, "--output-prefix", out_dir / "bad", "--tokenizer-type",
+        "ByteLevel", "--append-eod",
+    )  # fmt: skip
+    assert code == 1
+    for needle in needles:
+        assert needle in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    # Only a bad file can be skipped; an argument mistake must be fixed.
+    assert ("--skip-bad-files" in last) == (case in BAD_FILES)
     assert files_in(out_dir) == []
 
 
-def test_broken_jsonl_reports_line(tmp_path, run_tool):
-    _bad_inputs(tmp_path)
-    code, _, err = run_tool(
-        "--input", tmp_path / "broken.jsonl", "--output-prefix", tmp_path / "out" / "x",
-        "--tokenizer-type", "ByteLevel",
-    )  # fmt: skip
+def test_bad_files_are_all_named_and_can_be_skipped(tmp_path, run_tool):
+    """All bad files are reported in one run; --skip-bad-files writes the good ones only."""
+    bad = [str(path) for path, _ in _bad_files(tmp_path).values()]
+    good_a = write_jsonl(tmp_path / "good_a.jsonl", DOCS_A)
+    good_b = write_jsonl(tmp_path / "good_b.jsonl", DOCS_B)
+    inputs = [*bad[:5], str(good_a), *bad[5:], str(good_b)]  # bad files first, between and last
+    common = ["--tokenizer-type", "ByteLevel", "--input", *inputs]
+    n_bad, n_files = len(bad), len(inputs)
+
+    code, _, err = run_tool(*common, "--output-prefix", tmp_path / "refused" / "c")
     assert code == 1
-    assert "line 3" in err
+    assert all(f"error: input file {path!r}" in err for path in bad), err
+    last = err.strip().splitlines()[-1]
+    assert f"{n_bad} of {n_files} input file(s) cannot be used" in last
+    assert "--skip-bad-files" in last
+    assert files_in(tmp_path / "refused") == []
 
+    prefix = tmp_path / "skipped" / "c"
+    code, out, err = run_tool(*common, "--skip-bad-files", "--output-prefix", prefix)
+    assert code == 0, err
+    assert read_docs(f"{prefix}_text_document") == [byte_ids(d, False) for d in DOCS_A + DOCS_B]
+    assert f"from 2 file(s) ({n_bad} bad file(s) skipped)" in out
+    assert all(f"warning: input file {path!r}" in err for path in bad), err
+    summary = err[err.index(f"warning: skipped {n_bad} of {n_files} input file(s)") :]
+    assert [line.split(": ")[0].strip() for line in summary.splitlines()[1:]] == bad
 
-def test_missing_key_reports_record(tmp_path, run_tool):
-    _bad_inputs(tmp_path)
     code, _, err = run_tool(
-        "--input", tmp_path / "somekey.jsonl", "--output-prefix", tmp_path / "out" / "x",
-        "--tokenizer-type", "ByteLevel",
+        "--tokenizer-type", "ByteLevel", "--input", *bad[:2], "--skip-bad-files",
+        "--output-prefix", tmp_path / "none" / "c",
     )  # fmt: skip
-    assert code == 1
-    assert "record 2" in err and "'text'" in err
+    assert code == 1 and "all 2 input file(s) are bad" in err
+    assert files_in(tmp_path / "none") == []
 
 
-def test_failure_keeps_previous_outputs(tmp_path, run_tool):
-    good = write_jsonl(tmp_path / "good.jsonl", DOCS_A)
-    write_jsonl(tmp_path / "allempty.jsonl", ["", ""])
-    prefix = tmp_path / "out" / "c"
-    common = ["--output-prefix", prefix, "--tokenizer-type", "ByteLevel"]
-    assert run_tool("--input", good, *common)[0] == 0
-    before = {name: (tmp_path / "out" / name).read_bytes() for name in files_in(tmp_path / "out")}
-    # Fails while writing (after the builders opened their temporary files).
-    code, _, err = run_tool("--input", tmp_path / "allempty.jsonl", *common)
-    assert code == 1 and "no document has any text" in err
-    after = {name: (tmp_path / "out" / name).read_bytes() for name in files_in(tmp_path / "out")}
-    assert after == before
+def test_late_failure_leaves_no_partial_output(tmp_path, run_tool, tool, monkeypatch):
+    """Interrupted while writing, after some documents: old outputs stay, no temporary files."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    out_dir = tmp_path / "out"
+    common = ["--output-prefix", out_dir / "c", "--tokenizer-type", "ByteLevel"]
+    assert run_tool("--input", write_jsonl(tmp_path / "old.jsonl", DOCS_B), *common)[0] == 0
+    before = {name: (out_dir / name).read_bytes() for name in files_in(out_dir)}
+
+    shards = [write_jsonl(tmp_path / f"s{i}.jsonl", DOCS_A * 20) for i in range(3)]
+    real_add = IndexedDatasetBuilder.add_document
+    seen = []
+
+    def add_then_interrupt(self, tensor, lengths, modes=None):
+        if len(seen) == 150:  # in the third file
+            self.data_file.flush()
+            seen.append({p.name: p.stat().st_size for p in out_dir.glob("*.tmp-*")})
+            raise KeyboardInterrupt
+        seen.append(None)
+        real_add(self, tensor, lengths, modes)
+
+    monkeypatch.setattr(IndexedDatasetBuilder, "add_document", add_then_interrupt)
+    code, _, err = run_tool("--input", *shards, *common)
+    assert code == 130 and "interrupted" in err
+    # When it failed, a temporary .bin (no .idx yet) held the 150 documents written so far:
+    # 50 times DOCS_A, as uint16 token ids.
+    ((temp_name, temp_size),) = seen[-1].items()
+    assert temp_name.startswith("c_text_document.bin.tmp-")
+    assert temp_size == 50 * sum(len(d.encode()) for d in DOCS_A) * 2
+    after = {name: (out_dir / name).read_bytes() for name in files_in(out_dir)}
+    assert after == before  # no temporary file left, the previous outputs untouched
+
+
+def test_progress_bars_and_throughput(tmp_path, run_tool):
+    """Each stage shows a bar unless --no-progress; the summary gives docs/s and MB/s."""
+    a = write_jsonl(tmp_path / "a.jsonl", DOCS_A)
+    b = write_jsonl(tmp_path / "b.jsonl", DOCS_B)
+    common = ["--input", a, b, "--tokenizer-type", "ByteLevel"]
+    code, out, err = run_tool(*common, "--output-prefix", tmp_path / "out" / "bars")
+    assert code == 0, err
+    for stage in ("Loading", "Tokenizing", "Writing"):
+        assert re.search(rf"{stage}: 100%\|", err), f"no finished {stage} bar in {err!r}"
+    assert re.search(r"loading [\d.]+s, tokenizing [\d.]+s, writing [\d.]+s", out)
+    megabytes = sum(len(d.encode()) for d in DOCS_A + DOCS_B) / 1e6
+    assert re.search(r"Throughput: [\d,]+ docs/s, [\d.]+ MB/s", out)
+    assert f"(5 documents, {megabytes:.2f} MB of text)" in out
+
+    code, out, err = run_tool(*common, "--no-progress", "--output-prefix", tmp_path / "out" / "q")
+    assert code == 0, err
+    assert err == ""
+    assert "Throughput:" in out
 
 
 def test_byte_level_rejects_tokenizer_model(tmp_path, run_tool):

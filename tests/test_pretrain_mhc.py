@@ -59,7 +59,7 @@ def _run(nproc, args, log, expect_ok=True):
     return text
 
 
-@pytest.mark.parametrize("variant", ["residual", "hc", "mhc"])
+@pytest.mark.parametrize("variant", ["residual", "hc", "mhc", "mhc-lite"])
 def test_each_variant_trains_and_loss_falls(variant, byte_corpus, tmp_path):
     args = [
         *TINY_MOE, "--mhc-variant", variant, "--data-path", byte_corpus, "--split", "100,0,0",

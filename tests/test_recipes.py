@@ -184,7 +184,7 @@ def test_run_sh_refuses_bad_input_with_what_to_change(tmp_path):
     assert unknown.returncode == 2
     assert "RECIPE is one of" in unknown.stderr and "27b" in unknown.stderr
     variant = _run_recipe(tmp_path, "tiny", env={"VARIANT": "mhcc"})
-    assert variant.returncode == 2 and "use mhc, hc or residual" in variant.stderr
+    assert variant.returncode == 2 and "use mhc, mhc-lite, hc or residual" in variant.stderr
     no_data = _run_recipe(tmp_path, "3b")
     assert no_data.returncode == 2 and "needs DATA_PATH" in no_data.stderr
     assert "MOCK_DATA=1" in no_data.stderr

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", help="a recipe under examples/recipes (tiny, 3b, 9b, 27b)")
     parser.add_argument(
-        "--variant", choices=("mhc", "hc", "residual"), default=None,
+        "--variant", choices=("mhc", "mhc-lite", "hc", "residual"), default=None,
         help="override the recipe's variant (default: $VARIANT or mhc)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON only")

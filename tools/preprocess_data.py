@@ -29,18 +29,44 @@ Tokenizers:
       ``--no-add-special-tokens`` is given. The end-of-document id is the tokenizer's
       ``eos_token_id`` unless ``--eod-id`` is given.
 
+Many files and parallel workers:
+    ``--input`` takes several paths and quoted globs. Documents keep the order of the inputs as
+    given; the matches of a glob are sorted by name (zero-pad shard numbers: ``shard_10`` sorts
+    before ``shard_2``). ``--workers N`` tokenizes in N processes (``Dataset.map(num_proc=N)``,
+    which splits the corpus into N contiguous shards and joins the results in order), so the
+    output does not depend on N.
+
+Bad input files:
+    Every file is checked when it is loaded: unreadable or corrupt (e.g. a truncated ``.gz``, a
+    line that is not JSON, a broken Parquet file, text that is not UTF-8), empty (0 bytes, no
+    records, or a ``--json-keys`` field empty or whitespace-only in every record), a field
+    missing, null or not text. Each bad file is reported by name, with the line or record where
+    it can be told. By default the run then stops before tokenizing, naming all bad files and
+    writing nothing; with ``--skip-bad-files`` each bad file is left out with a warning and the
+    run ends with a list of the skipped files. Mistakes in the arguments (a missing file, a glob
+    that matches nothing, an unknown extension) always stop the run.
+
+Progress and throughput:
+    Progress bars on stderr for each stage: loading (bytes of input files read), tokenizing
+    (``datasets``' bar) and writing (documents). ``--no-progress`` turns them all off; tqdm's
+    environment variables also apply, e.g. ``TQDM_MININTERVAL=30`` for fewer updates in a
+    batch job's log, or ``TQDM_DISABLE=1``. The run ends with the time of each stage and the
+    throughput in documents/s and MB/s of text (UTF-8 bytes of the ``--json-keys`` fields).
+
 Nothing is written under the final output names until every document has been tokenized and
-written: the files are built under temporary names and renamed at the end, so a failed run never
-leaves a partial ``.bin``/``.idx`` behind.
+written: the files are built under temporary names in the output directory and renamed at the
+end, and removed on any error (or Ctrl-C), so a failed run never leaves a partial ``.bin``/``.idx``
+behind.
 
 Example:
     python tools/preprocess_data.py --input 'data/*.jsonl' --output-prefix data/corpus \\
-        --tokenizer-type ByteLevel --append-eod --workers 8
+        --tokenizer-type ByteLevel --append-eod --workers 8 --skip-bad-files
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import logging
@@ -48,10 +74,12 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 FORMATS = ("json", "text", "parquet")
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
@@ -72,6 +100,23 @@ EMPTY_IDS = np.empty(0, dtype=np.int32)
 
 class PreprocessError(Exception):
     """A user-facing error: bad arguments or bad input. Printed without a traceback."""
+
+
+class BadInputFile(PreprocessError):
+    """An input file that cannot be used (corrupt, unreadable, empty or without usable text).
+
+    Unlike the other errors this one is about the file's contents, so ``--skip-bad-files`` can
+    leave the file out instead of stopping the run.
+
+    Args:
+        path: The input file.
+        reason: What is wrong with it, phrased to follow the file name (e.g. ``"is empty"``).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"input file {path!r} {reason}")
+        self.path = path
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,39 +308,56 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 
 
 def _locate_json_error(path: str) -> str:
-    """Find the first line of a JSON Lines file that is not valid JSON.
+    """Find the first line of a JSON Lines file that is not UTF-8 or not a JSON object.
 
-    Only used to improve an error message, so it gives up quietly on compressed files or a file
-    that is one JSON document.
+    Only used to improve an error message, so it gives up quietly on what it cannot tell: a
+    compression fsspec does not know, or a ``.json`` file whose first line does not parse (it
+    may be one multi-line JSON document).
 
     Args:
-        path: The JSON Lines file.
+        path: The JSON Lines file, possibly compressed.
 
     Returns:
-        A description such as ``" (line 3: Expecting value ...)"`` or an empty string.
+        A description such as ``" (line 3: Expecting value: 'not json')"`` or an empty string.
     """
-    if format_from_path(path) != "json" or path.lower().endswith(COMPRESSION_SUFFIXES):
-        return ""
+    import fsspec
+    from fsspec.utils import infer_compression
+
+    compression = infer_compression(path)
+    if compression is None and path.lower().endswith(COMPRESSION_SUFFIXES):
+        return ""  # e.g. .zst without the zstandard package: the raw bytes would look corrupt
+    name = path.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
+    one_document = name.endswith(".json")
+    lineno = 0
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            json.loads(text)
-            return ""  # one valid JSON document: the problem is not a syntax error
-        except json.JSONDecodeError:
-            pass
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
+        # Binary lines decoded one by one: a text-mode reader decodes whole chunks, so its
+        # UnicodeDecodeError would not tell the line.
+        with fsspec.open(path, "rb", compression=compression) as f:
+            for lineno, raw in enumerate(f, start=1):
                 try:
-                    json.loads(line)
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return f" (line {lineno}, byte {exc.start + 1}: {exc.reason})"
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    return f" (line {lineno}: {exc.msg}: {line[:80]!r})"
-    except (OSError, UnicodeDecodeError) as exc:
-        return f" ({exc})"
+                    if one_document and lineno == 1:
+                        return ""
+                    return f" (line {lineno}: {exc.msg}: {line.strip()[:80]!r})"
+                if not isinstance(record, dict):
+                    return f" (line {lineno}: not a JSON object: {line.strip()[:80]!r})"
+    except EOFError:
+        return f" (the data stops after line {lineno}: the file is truncated)"
+    except Exception:  # only a hint: the caller reports the real error
+        return ""
     return ""
 
 
-def load_file(path: str, fmt: str, keys: list[str], cache_dir: str | None) -> Any:
+def load_file(path: str, fmt: str, keys: list[str], cache_dir: str | None) -> tuple[Any, int]:
     """Load one input file with Hugging Face ``datasets`` and check its text columns.
 
     Args:
@@ -305,17 +367,19 @@ def load_file(path: str, fmt: str, keys: list[str], cache_dir: str | None) -> An
         cache_dir: The ``datasets`` cache directory, or None for the default.
 
     Returns:
-        A ``datasets.Dataset`` holding only the ``keys`` columns.
+        A ``datasets.Dataset`` holding only the ``keys`` columns, and the number of UTF-8 bytes
+        of text in them.
 
     Raises:
-        PreprocessError: If the file cannot be read, holds no records, lacks a key, or a key holds
-            something other than strings.
+        BadInputFile: If the file cannot be read, is not UTF-8, holds no records, lacks a key, a
+            key holds something other than strings, or a key is empty in every record.
     """
     import datasets
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     if os.path.getsize(path) == 0:
-        raise PreprocessError(f"input file {path!r} is empty; remove it from --input")
+        raise BadInputFile(path, "is empty (0 bytes)")
     kwargs: dict[str, Any] = {"sample_by": "document"} if fmt == "text" else {}
     try:
         ds = datasets.load_dataset(
@@ -323,64 +387,160 @@ def load_file(path: str, fmt: str, keys: list[str], cache_dir: str | None) -> An
         )
     except Exception as exc:  # datasets wraps the real cause in DatasetGenerationError
         if "corresponds to no data" in str(exc):  # e.g. a JSON Lines file of blank lines
-            raise PreprocessError(
-                f"input file {path!r} contains no documents; remove it from --input"
-            ) from exc
+            raise BadInputFile(path, "contains no documents") from exc
         cause = exc.__cause__ or exc
         detail = _locate_json_error(path) if fmt == "json" else ""
-        hint = {
-            "json": "each line must be one JSON object (JSON Lines)",
-            "parquet": "it must be a valid Parquet file",
-            "text": "it must be UTF-8 text",
+        expected = {
+            "json": "one JSON object per line",
+            "parquet": "a Parquet file",
+            "text": "UTF-8 text",
         }[fmt]
-        raise PreprocessError(
-            f"could not read input file {path!r} as {fmt}{detail}: "
-            f"{type(cause).__name__}: {cause}; {hint} (or set --input-format)"
+        raise BadInputFile(
+            path,
+            f"could not be read as {fmt}{detail}: {type(cause).__name__}: {cause} (expected "
+            f"{expected}; if that is wrong, set --input-format)",
         ) from exc
     if len(ds) == 0:
-        raise PreprocessError(f"input file {path!r} contains no documents; remove it from --input")
+        raise BadInputFile(path, "contains no documents")
     missing = [k for k in keys if k not in ds.column_names]
     if missing:
-        raise PreprocessError(
-            f"input file {path!r} has no field {missing[0]!r} (fields found: "
-            f"{', '.join(ds.column_names) or 'none'}); "
-            "set --json-keys to the field holding the text"
+        raise BadInputFile(
+            path,
+            f"has no field {missing[0]!r} (fields found: {', '.join(ds.column_names) or 'none'}); "
+            "set --json-keys to the field holding the text",
         )
+    text_bytes = 0
     for key in keys:
         feature = ds.features[key]
         if getattr(feature, "dtype", None) not in ("string", "large_string"):
-            raise PreprocessError(
-                f"field {key!r} in input file {path!r} holds {feature} values, not text; set "
-                "--json-keys to a field holding strings"
+            raise BadInputFile(
+                path,
+                f"holds {feature} values in field {key!r}, not text; set --json-keys to a field "
+                "holding strings",
             )
         column = ds.data.column(key)
         if column.null_count:
             first = pc.index(pc.is_null(column), True).as_py()
-            raise PreprocessError(
-                f"record {first + 1} of input file {path!r} has no {key!r} field (or it is null); "
-                f"{column.null_count} record(s) are affected. Fix the file or drop those records"
+            raise BadInputFile(
+                path,
+                f"has no {key!r} field (or it is null) in record {first + 1} "
+                f"({column.null_count} record(s) affected); fix the file or drop those records",
             )
-    return ds.select_columns(keys)
+        # pyarrow's JSON and Parquet readers accept invalid UTF-8 in strings; it would only fail
+        # later, inside a tokenizer worker. A full validation checks every string's bytes.
+        offset = 0
+        for chunk in column.chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid as exc:
+                where = _locate_json_error(path) if fmt == "json" else ""
+                # Arrow counts the string index from the start of the chunk.
+                where = where or f" (records {offset + 1}..{offset + len(chunk)}: {exc})"
+                raise BadInputFile(
+                    path,
+                    f"is not valid UTF-8 text in field {key!r}{where}; re-encode it as UTF-8",
+                ) from exc
+            offset += len(chunk)
+        if not pc.any(pc.not_equal(pc.utf8_trim_whitespace(column), "")).as_py():
+            raise BadInputFile(
+                path,
+                f"has no text: field {key!r} is empty or whitespace in all {len(ds)} record(s)",
+            )
+        text_bytes += pc.sum(pc.binary_length(column)).as_py()
+    return ds.select_columns(keys), text_bytes
 
 
-def load_inputs(files: list[str], input_format: str | None, keys: list[str], cache_dir: str | None):
-    """Load and concatenate all input files, in order.
+def _progress_bar(progress: bool, **kwargs: Any) -> tqdm:
+    """Make a tqdm progress bar, turned off when ``progress`` is False.
+
+    ``disable`` is passed only to turn the bar off: an explicit argument would override tqdm's
+    ``TQDM_*`` environment variables (``TQDM_DISABLE=1`` and the like).
+
+    Args:
+        progress: Whether to show the bar.
+        **kwargs: Arguments for ``tqdm``.
+
+    Returns:
+        The bar.
+    """
+    if not progress:
+        kwargs["disable"] = True
+    return tqdm(**kwargs)
+
+
+@contextlib.contextmanager
+def _datasets_progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn ``datasets``' progress bars off for a block when ``enabled`` is False.
+
+    Never turns them on: the user may have turned them off (``HF_DATASETS_DISABLE_PROGRESS_BARS``).
+    The previous setting comes back at the end, as the tests call the tool in-process.
+
+    Args:
+        enabled: Whether the bars may show.
+
+    Yields:
+        Nothing.
+    """
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    if not enabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+@dataclass
+class Corpus:
+    """The loaded input files.
+
+    Attributes:
+        dataset: A ``datasets.Dataset`` with the ``--json-keys`` columns, one row per document.
+        files: The input files loaded, in order.
+        skipped: The bad input files left out (``--skip-bad-files``), in order.
+        text_bytes: UTF-8 bytes of text in the ``--json-keys`` columns.
+    """
+
+    dataset: Any
+    files: list[str]
+    skipped: list[BadInputFile]
+    text_bytes: int
+
+
+def load_inputs(
+    files: list[str],
+    input_format: str | None,
+    keys: list[str],
+    cache_dir: str | None,
+    skip_bad_files: bool = False,
+    progress: bool = True,
+) -> Corpus:
+    """Load, check and concatenate all input files, in order.
+
+    Every file is loaded even after a bad one, so a refused run names all bad files at once.
 
     Args:
         files: The input files.
         input_format: The ``--input-format`` value, or None to use each file's extension.
         keys: The columns holding the text.
         cache_dir: The ``datasets`` cache directory, or None for the default.
+        skip_bad_files: Leave bad files out with a warning instead of refusing to go on.
+        progress: Show a progress bar.
 
     Returns:
-        A ``datasets.Dataset`` with one row per document and the ``keys`` columns.
+        The loaded corpus.
 
     Raises:
-        PreprocessError: On any unreadable or invalid input.
+        PreprocessError: On an argument mistake (format not known, plain text with other keys),
+            on any bad file unless ``skip_bad_files``, or when no file is usable.
     """
     import datasets
 
-    parts = []
+    # Argument mistakes first, before spending time on loading.
+    formats = []
     for path in files:
         fmt = input_format or format_from_path(path)
         if fmt is None:
@@ -393,13 +553,54 @@ def load_inputs(files: list[str], input_format: str | None, keys: list[str], cac
                 f"input file {path!r} is plain text, whose only field is 'text'; use "
                 "--json-keys text (the default)"
             )
-        parts.append(load_file(path, fmt, keys, cache_dir))
+        formats.append(fmt)
+
+    # Only local files are read, yet load_dataset sends a download-count request to the Hugging
+    # Face Hub for every file: up to its 3 s timeout each where the network is slow or blocked
+    # (0.13 s each measured here, 35 s for 200 small files).
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    parts, loaded, bad, text_bytes = [], [], [], 0
+    sizes = [os.path.getsize(path) for path in files]
+    # One bar over the bytes of all files. datasets' own bar ("Generating train split") shows
+    # the progress inside a file, which is worth it only when there is one file: with many it
+    # would print a bar per file.
+    with (
+        _progress_bar(progress, total=sum(sizes), desc="Loading", unit="B", unit_scale=True) as bar,
+        _datasets_progress_bars(progress and len(files) == 1),
+    ):
+        for path, fmt, size in zip(files, formats, sizes, strict=True):
+            try:
+                ds, nbytes = load_file(path, fmt, keys, cache_dir)
+            except BadInputFile as exc:
+                bad.append(exc)
+                level, action = ("warning", "; skipping it") if skip_bad_files else ("error", "")
+                bar.write(f"{level}: {exc}{action}", file=sys.stderr)
+            else:
+                parts.append(ds)
+                loaded.append(path)
+                text_bytes += nbytes
+            bar.update(size)
+
+    if bad and not skip_bad_files:
+        names = ", ".join(repr(b.path) for b in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise PreprocessError(
+            f"{len(bad)} of {len(files)} input file(s) cannot be used ({names}{more}; the "
+            "reasons are above), so nothing was written. Fix or remove them, or pass "
+            "--skip-bad-files to leave them out"
+        )
+    if not parts:
+        raise PreprocessError(
+            f"all {len(files)} input file(s) are bad (the reasons are above); nothing to write"
+        )
     if len(parts) == 1:
-        return parts[0]
-    if any(p.features != parts[0].features for p in parts[1:]):
-        target = datasets.Features({k: datasets.Value("large_string") for k in keys})
-        parts = [p.cast(target) for p in parts]
-    return datasets.concatenate_datasets(parts)
+        dataset = parts[0]
+    else:
+        if any(p.features != parts[0].features for p in parts[1:]):
+            target = datasets.Features({k: datasets.Value("large_string") for k in keys})
+            parts = [p.cast(target) for p in parts]
+        dataset = datasets.concatenate_datasets(parts)
+    return Corpus(dataset, loaded, bad, text_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,17 +674,56 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
     return f"{output_prefix}_{key}_{LEVEL}"
 
 
-def write_outputs(tokenized: Any, keys: list[str], output_prefix: str, vocab_size: int) -> dict:
+def _add_documents(column: Any, builder: Any, st: KeyStats, vocab_size: int) -> None:
+    """Add one batch of token sequences to a builder, one document per non-empty sequence.
+
+    Args:
+        column: A pyarrow list column of token ids, one entry per document.
+        builder: The key's ``IndexedDatasetBuilder``.
+        st: The key's counts, updated.
+        vocab_size: The tokenizer's vocabulary size.
+
+    Raises:
+        PreprocessError: If a token id does not fit the vocabulary.
+    """
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks()
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    if values.size:
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi >= vocab_size:
+            raise PreprocessError(
+                f"token id {hi if hi >= vocab_size else lo} is outside the vocabulary "
+                f"(0..{vocab_size - 1}); check --eod-id and the tokenizer"
+            )
+    values = values.astype(builder.dtype, copy=False)
+    start = 0
+    for length in lengths.tolist():
+        if length == 0:
+            st.skipped_empty += 1
+            continue
+        builder.add_document(values[start : start + length], [length])
+        start += length
+        st.documents += 1
+        st.tokens += length
+
+
+def write_outputs(
+    tokenized: Any, keys: list[str], output_prefix: str, vocab_size: int, progress: bool = True
+) -> dict:
     """Write the tokenized documents in Megatron's indexed format, atomically.
 
     The ``.bin``/``.idx`` files are written under temporary names and renamed only after all keys
-    are complete; on any error the temporary files are removed.
+    are complete; on any error (KeyboardInterrupt included) the temporary files are removed.
 
     Args:
         tokenized: A ``datasets.Dataset`` with a ``<key>_ids`` column per key.
         keys: The text fields.
         output_prefix: The ``--output-prefix`` value.
         vocab_size: The tokenizer's vocabulary size (chooses the token dtype).
+        progress: Show a progress bar (documents written).
 
     Returns:
         Key to :class:`KeyStats`.
@@ -491,7 +731,6 @@ def write_outputs(tokenized: Any, keys: list[str], output_prefix: str, vocab_siz
     Raises:
         PreprocessError: If a token id does not fit the vocabulary or no document has text.
     """
-    import pyarrow.compute as pc
     from megatron.core.datasets.indexed_dataset import (
         DType,
         IndexedDatasetBuilder,
@@ -518,29 +757,15 @@ def write_outputs(tokenized: Any, keys: list[str], output_prefix: str, vocab_siz
             renames += [(bin_path + suffix, bin_path), (idx_path + suffix, idx_path)]
             stats[key].paths = [bin_path, idx_path]
 
-        for batch in tokenized.with_format("arrow").iter(batch_size=1000):
-            for key in keys:
-                column = batch.column(f"{key}_ids").combine_chunks()
-                lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-                values = column.flatten().to_numpy(zero_copy_only=False)
-                if values.size:
-                    lo, hi = int(values.min()), int(values.max())
-                    if lo < 0 or hi >= vocab_size:
-                        raise PreprocessError(
-                            f"token id {hi if hi >= vocab_size else lo} is outside the "
-                            f"vocabulary (0..{vocab_size - 1}); check --eod-id and the tokenizer"
-                        )
-                values = values.astype(dtype, copy=False)
-                builder, st = builders[key], stats[key]
-                start = 0
-                for length in lengths.tolist():
-                    if length == 0:
-                        st.skipped_empty += 1
-                        continue
-                    builder.add_document(values[start : start + length], [length])
-                    start += length
-                    st.documents += 1
-                    st.tokens += length
+        with _progress_bar(
+            progress, total=len(tokenized), desc="Writing", unit="doc", unit_scale=True
+        ) as bar:
+            for batch in tokenized.with_format("arrow").iter(batch_size=1000):
+                for key in keys:
+                    _add_documents(
+                        batch.column(f"{key}_ids"), builders[key], stats[key], vocab_size
+                    )
+                bar.update(batch.num_rows)
 
         for key in keys:
             if stats[key].documents == 0:
@@ -648,7 +873,22 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers",
         type=int,
         default=1,
-        help="Number of tokenizer processes (Dataset.map num_proc). Default: 1.",
+        help="Number of tokenizer processes (Dataset.map num_proc). The output does not "
+        "depend on it. Default: 1.",
+    )
+    group.add_argument(
+        "--skip-bad-files",
+        action="store_true",
+        help="Leave out input files that are corrupt, unreadable or empty (or whose text field "
+        "is missing, not text or empty), with a warning for each and a list at the end. By "
+        "default any such file stops the run before anything is written.",
+    )
+    group.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="Show no progress bars (by default each stage, loading / tokenizing / writing, "
+        "shows one on stderr, also when it is not a terminal; tqdm's TQDM_* environment "
+        "variables apply, e.g. TQDM_MININTERVAL=30).",
     )
     group.add_argument(
         "--cache-dir",
@@ -686,36 +926,55 @@ def run(args: argparse.Namespace) -> dict:
     """
     import datasets
 
-    start = time.time()
+    progress = not args.no_progress
     files = expand_inputs(args.input)
     tokenizer = build_tokenizer(args)
-    dataset = load_inputs(files, args.input_format, args.json_keys, args.cache_dir)
-    print(f"Loaded {len(dataset)} documents from {len(files)} file(s).", flush=True)
+    # Before the clock starts (it takes seconds, whatever the corpus), and before forking the
+    # workers so they do not import it again.
+    _quiet_megatron_import()
+    start = time.perf_counter()
+    corpus = load_inputs(
+        files, args.input_format, args.json_keys, args.cache_dir, args.skip_bad_files, progress
+    )
+    dataset = corpus.dataset
+    skipped = f" ({len(corpus.skipped)} bad file(s) skipped)" if corpus.skipped else ""
+    print(f"Loaded {len(dataset)} documents from {len(corpus.files)} file(s){skipped}.", flush=True)
+    loaded = time.perf_counter()
 
     if args.workers > 1 and isinstance(tokenizer, HuggingFaceTokenizer):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_megatron_import()  # before forking the workers, and so its warnings stay quiet
-    tokenized = dataset.map(
-        _Encoder(tokenizer, list(args.json_keys), args.append_eod),
-        batched=True,
-        batch_size=1000,
-        num_proc=args.workers if args.workers > 1 else None,
-        remove_columns=dataset.column_names,
-        features=datasets.Features(
-            {f"{k}_ids": datasets.Sequence(datasets.Value("int32")) for k in args.json_keys}
-        ),
-        desc="Tokenizing",
+    with _datasets_progress_bars(progress):
+        tokenized = dataset.map(
+            _Encoder(tokenizer, list(args.json_keys), args.append_eod),
+            batched=True,
+            batch_size=1000,
+            num_proc=args.workers if args.workers > 1 else None,
+            remove_columns=dataset.column_names,
+            features=datasets.Features(
+                {f"{k}_ids": datasets.Sequence(datasets.Value("int32")) for k in args.json_keys}
+            ),
+            desc="Tokenizing",
+        )
+    tokenized_at = time.perf_counter()
+    stats = write_outputs(
+        tokenized, args.json_keys, args.output_prefix, tokenizer.vocab_size, progress
     )
-    stats = write_outputs(tokenized, args.json_keys, args.output_prefix, tokenizer.vocab_size)
+    end = time.perf_counter()
 
-    elapsed = time.time() - start
+    elapsed = end - start
     print(
-        f"Done in {elapsed:.1f}s with tokenizer {tokenizer.name} "
-        f"(vocab size {tokenizer.vocab_size})."
+        f"Done in {elapsed:.1f}s (loading {loaded - start:.1f}s, tokenizing "
+        f"{tokenized_at - loaded:.1f}s, writing {end - tokenized_at:.1f}s, workers "
+        f"{args.workers}) with tokenizer {tokenizer.name} (vocab size {tokenizer.vocab_size})."
+    )
+    megabytes = corpus.text_bytes / 1e6
+    print(
+        f"Throughput: {len(dataset) / elapsed:,.0f} docs/s, {megabytes / elapsed:.2f} MB/s "
+        f"({len(dataset)} documents, {megabytes:.2f} MB of text)"
     )
     for key, st in stats.items():
-        skipped = f", skipped {st.skipped_empty} empty" if st.skipped_empty else ""
-        print(f"  [{key}] {st.documents} documents{skipped}, {st.tokens} tokens")
+        empty = f", skipped {st.skipped_empty} empty" if st.skipped_empty else ""
+        print(f"  [{key}] {st.documents} documents{empty}, {st.tokens} tokens")
         for path in st.paths:
             print(f"    {path}")
     prefixes = " ".join(output_prefix_for(args.output_prefix, k) for k in args.json_keys)
@@ -727,6 +986,14 @@ def run(args: argparse.Namespace) -> dict:
         )
     else:
         print(f"  --tokenizer-type HuggingFaceTokenizer --tokenizer-model {tokenizer.model_dir}")
+    if corpus.skipped:
+        # Again at the end, where it is seen: the warnings may have scrolled away.
+        lines = "".join(f"\n  {b.path}: {b.reason}" for b in corpus.skipped)
+        print(
+            f"warning: skipped {len(corpus.skipped)} of {len(files)} input file(s) "
+            f"(--skip-bad-files):{lines}",
+            file=sys.stderr,
+        )
     return stats
 
 
@@ -737,7 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
         argv: Arguments without the program name; None means ``sys.argv[1:]``.
 
     Returns:
-        The exit code: 0 on success, 1 on bad input (argparse exits with 2 on usage errors).
+        The exit code: 0 on success, 1 on bad input, 130 on Ctrl-C (argparse exits with 2 on
+        usage errors).
     """
     args = get_args(argv)
     try:
@@ -745,6 +1013,9 @@ def main(argv: list[str] | None = None) -> int:
     except PreprocessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
     return 0
 
 

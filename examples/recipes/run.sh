@@ -5,7 +5,7 @@
 # pretrain_mhc.py after the recipe's own, so they override them.
 #
 # Environment:
-#   VARIANT          mhc (default), hc, or residual (the baseline).
+#   VARIANT          mhc (default), mhc-lite, hc, or residual (the baseline).
 #   DATA_PATH        Megatron --data-path value(s) (tools/preprocess_data.py output prefixes).
 #                    MOCK_DATA=1 trains on Megatron's mock data instead (the tiny recipe's default).
 #   OUT_DIR          checkpoints, TensorBoard and logs (default runs/RECIPE-VARIANT); a second
@@ -30,8 +30,8 @@ if [[ -z "$RECIPE" || ! -f "$HERE/$RECIPE.sh" || "$RECIPE" == common || "$RECIPE
 fi
 shift
 case "${VARIANT:=mhc}" in
-  mhc|hc|residual) ;;
-  *) echo "error: VARIANT=$VARIANT; use mhc, hc or residual" >&2; exit 2 ;;
+  mhc|mhc-lite|hc|residual) ;;
+  *) echo "error: VARIANT=$VARIANT; use mhc, mhc-lite, hc or residual" >&2; exit 2 ;;
 esac
 # shellcheck source=/dev/null
 source "$HERE/$RECIPE.sh"

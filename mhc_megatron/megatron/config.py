@@ -7,8 +7,9 @@ from typing import Literal
 from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
 from mhc_megatron.kernels import MAX_STREAMS as MAX_KERNEL_STREAMS
+from mhc_megatron.ops import MAX_LITE_STREAMS
 
-VARIANTS = ("residual", "hc", "mhc")
+VARIANTS = ("residual", "hc", "mhc", "mhc-lite")
 INITS = ("paper", "residual")
 COLLAPSES = ("head", "mean")
 BACKENDS = ("torch", "triton", "auto")
@@ -26,9 +27,10 @@ class MHCTransformerConfig(TransformerConfig):
     by it, while the residual between layers is ``[s, b, n*C]``.
     """
 
-    mhc_variant: Literal["residual", "hc", "mhc"] = "mhc"
-    """Residual scheme: residual (plain pre-norm baseline), hc (Hyper-Connections, unconstrained)
-    or mhc (Sinkhorn-constrained H_res)."""
+    mhc_variant: Literal["residual", "hc", "mhc", "mhc-lite"] = "mhc"
+    """Residual scheme: residual (plain pre-norm baseline), hc (Hyper-Connections, unconstrained),
+    mhc (Sinkhorn-constrained H_res) or mhc-lite (H_res a softmax-weighted sum of the n!
+    permutation matrices, exactly doubly stochastic; n <= 6)."""
 
     mhc_num_streams: int = 4
     """Number of residual streams n (the paper uses 4)."""
@@ -96,7 +98,7 @@ class MHCTransformerConfig(TransformerConfig):
 
     @property
     def mhc_enabled(self) -> bool:
-        """True when the residual is widened to n streams (variants hc and mhc)."""
+        """True when the residual is widened to n streams (every variant but residual)."""
         return self.mhc_variant != "residual"
 
     def _check_mhc_fields(self) -> None:
@@ -110,6 +112,12 @@ class MHCTransformerConfig(TransformerConfig):
                 isinstance(self.mhc_num_streams, int) and self.mhc_num_streams >= 1,
                 f"mhc_num_streams={self.mhc_num_streams} must be an integer >= 1 "
                 "(--mhc-num-streams; the paper uses 4)",
+            ),
+            (
+                self.mhc_variant != "mhc-lite" or self.mhc_num_streams <= MAX_LITE_STREAMS,
+                f"mhc_variant='mhc-lite' mixes n! permutation matrices; "
+                f"mhc_num_streams={self.mhc_num_streams} is above {MAX_LITE_STREAMS} "
+                "(--mhc-num-streams), or use --mhc-variant mhc",
             ),
             (
                 self.mhc_sinkhorn_iters >= 1,

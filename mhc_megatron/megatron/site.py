@@ -13,30 +13,43 @@ from mhc_megatron.megatron.diagnostics import RECORDER
 # Off-diagonal static res logit of the residual-equivalent init: exp(-12) * (n - 1) < 1e-4 for
 # n <= 8, so H_res is the identity to within the spec's 1e-4.
 RESIDUAL_INIT_OFF_DIAGONAL = -12.0
+RESIDUAL_INIT_LITE_OTHERS = -18.0
+
+
+def res_rows(variant: str, n: int) -> int:
+    """Rows of ``fn`` (and entries of ``base``) for H_res: ``n*n`` logits, or one per
+    permutation (``n!``) for mhc-lite."""
+    return math.factorial(n) if variant == "mhc-lite" else n * n
 
 
 def static_logit_init(variant: str, init: str, n: int, layer_index: int) -> torch.Tensor:
-    """Initial ``base [n*n + 2n]`` (order ``[pre | post | res]``) of a site.
+    """Initial ``base [2n + res_rows]`` (order ``[pre | post | res]``) of a site.
 
     Args:
-        variant: ``hc`` or ``mhc``.
+        variant: ``hc``, ``mhc`` or ``mhc-lite``.
         init: ``paper`` or ``residual``.
         n: number of streams.
         layer_index: 0-based global index of the layer (HC's paper init reads stream
             ``layer_index mod n``).
 
     Returns:
-        ``[n*n + 2n]`` fp32.
+        ``[2n + res_rows(variant, n)]`` fp32.
     """
     pre, post, res = torch.zeros(n), torch.zeros(n), torch.zeros(n, n)
-    if variant == "mhc":
+    if variant in ("mhc", "mhc-lite"):
+        if variant == "mhc-lite":  # one logit per permutation, the identity first
+            res = torch.zeros(math.factorial(n))
         if init == "residual":
             # h_pre = 1/n (for n = 1, sigmoid(13.8) = 1 - 1e-6), h_post = 2*sigmoid(0) = 1,
             # H_res = I.
             pre.fill_(math.log(1 / (n - 1)) if n > 1 else 13.8)
-            res.fill_(RESIDUAL_INIT_OFF_DIAGONAL).fill_diagonal_(0.0)
+            if variant == "mhc-lite":
+                # Weight of the other n! - 1 permutations: 719 * exp(-18) < 1e-4 for n <= 6.
+                res.fill_(RESIDUAL_INIT_LITE_OTHERS)[0] = 0.0
+            else:
+                res.fill_(RESIDUAL_INIT_OFF_DIAGONAL).fill_diagonal_(0.0)
         # paper: the paper specifies only alpha; all static logits start at 0 (h_pre = 1/2,
-        # h_post = 1, H_res = 1/n everywhere).
+        # h_post = 1, H_res = 1/n everywhere: for mhc-lite the uniform mix of permutations).
     else:  # hc: h = alpha * tanh(.) + b, so b is the value itself.
         post.fill_(1.0)
         res = torch.eye(n)
@@ -67,10 +80,11 @@ class KeepFP32Module(MegatronModule):
 class MHCSite(KeepFP32Module):
     """Parameters and coefficient computation of one site (spec section 1).
 
-    Parameters (fp32): ``fn [n*n + 2n, n*C]``, ``base [n*n + 2n]``, ``scale [3]``.
+    Parameters (fp32): ``fn [n*n + 2n, n*C]``, ``base [n*n + 2n]``, ``scale [3]`` (mhc-lite:
+    ``n!`` res rows instead of ``n*n``).
 
     Args:
-        config: the model's MHCTransformerConfig (variant hc or mhc).
+        config: the model's MHCTransformerConfig (variant hc, mhc or mhc-lite).
         layer_index: 0-based global layer index (for HC's paper init).
     """
 
@@ -81,7 +95,7 @@ class MHCSite(KeepFP32Module):
         self.num_streams = n
         # On the default device (CPU, or an ambient torch.device such as meta when counting
         # parameters); Megatron's get_model moves the model to the GPU.
-        self.fn = torch.nn.Parameter(torch.empty(n * n + 2 * n, n * c))
+        self.fn = torch.nn.Parameter(torch.empty(2 * n + res_rows(config.mhc_variant, n), n * c))
         self.base = torch.nn.Parameter(
             static_logit_init(config.mhc_variant, config.mhc_init, n, layer_index)
         )
@@ -111,6 +125,10 @@ class MHCSite(KeepFP32Module):
             # The fused coefficients kernel is mHC's (Sinkhorn); HC, a baseline for stability
             # studies, keeps the torch ops here and uses the fused mixes in the layer.
             coefficients = ops.hc_coefficients(x, fn, base, scale, eps=self.config.mhc_eps)
+        elif self.config.mhc_variant == "mhc-lite":
+            # A softmax and one small matmul, no iterations: plain torch (the fused mixes still
+            # serve it in the layer).
+            coefficients = ops.mhc_lite_coefficients(x, fn, base, scale, eps=self.config.mhc_eps)
         else:
             coefficients = site_ops(self.config, x.device).mhc_coefficients(
                 x, fn, base, scale, iters=self.config.mhc_sinkhorn_iters, eps=self.config.mhc_eps

@@ -1,15 +1,23 @@
-"""Per-token mixing coefficients of one site: mHC (Sinkhorn) and HC (unconstrained).
+"""Per-token mixing coefficients of one site: mHC (Sinkhorn), HC (unconstrained) and mHC-lite
+(convex combinations of permutation matrices).
 
-Both variants share the parameter layout of ``docs/mhc-spec.md`` section 1:
+mHC and HC share the parameter layout of ``docs/mhc-spec.md`` section 1:
 ``fn [n*n + 2n, n*C]`` with rows ordered ``[pre (n) | post (n) | res (n*n)]``, ``base`` in the
-same order, and ``scale [3] = (alpha_pre, alpha_post, alpha_res)``.
+same order, and ``scale [3] = (alpha_pre, alpha_post, alpha_res)``. mHC-lite has ``n!`` res rows
+(one logit per permutation) instead of ``n*n``: ``fn [n! + 2n, n*C]``.
 """
 
+import functools
+import itertools
 import math
 
 import torch
 
 from mhc_megatron.ops.sinkhorn import sinkhorn
+
+# mHC-lite's res rows grow as n!: 720 at n = 6 is already 30 times mHC's 24 (n = 4); beyond, the
+# projection would dwarf the site.
+MAX_LITE_STREAMS = 6
 
 
 def num_streams_from_fn(fn: torch.Tensor) -> int:
@@ -21,21 +29,30 @@ def num_streams_from_fn(fn: torch.Tensor) -> int:
     return n
 
 
-def _projected_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor, int]:
+def _projected_mixes(
+    x: torch.Tensor, fn: torch.Tensor, eps: float, lite: bool = False
+) -> tuple[torch.Tensor, int]:
     """``(x @ fn.T) * rsqrt(mean(x*x) + eps)`` in fp32, RMS over all n*C values of a token.
 
     Args:
         x: ``[..., n, C]`` streams of each token.
-        fn: ``[n*n + 2n, n*C]``.
+        fn: ``[n*n + 2n, n*C]`` (``[n! + 2n, n*C]`` with ``lite``).
         eps: added under the square root.
+        lite: mHC-lite's layout.
 
     Returns:
-        ``(mixes [..., n*n + 2n] fp32, n)``.
+        ``(mixes [..., rows] fp32, n)``.
     """
-    n = num_streams_from_fn(fn)
-    if x.shape[-2] != n or fn.shape[1] != n * x.shape[-1]:
+    if lite:
+        n = x.shape[-2]
+        rows, layout = math.factorial(n) + 2 * n, "n!+2n"
+    else:
+        n = num_streams_from_fn(fn)
+        rows, layout = fn.shape[0], "n*n+2n"
+    if x.shape[-2] != n or fn.shape != (rows, n * x.shape[-1]):
         raise ValueError(
-            f"x [..., n, C] = {tuple(x.shape)} does not match fn [n*n+2n, n*C] = {tuple(fn.shape)}"
+            f"x [..., n, C] = {tuple(x.shape)} does not match fn [{layout}, n*C] = "
+            f"{tuple(fn.shape)}"
         )
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     flat = x.flatten(-2).to(compute_dtype)
@@ -44,6 +61,16 @@ def _projected_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[tor
     # computes the projection and the sum of squares in one pass over x.
     mixes = (flat @ fn.to(compute_dtype).t()) * inv_rms
     return mixes, n
+
+
+def _gates_and_res_logits(mixes, base, scale, n: int, eps: float):
+    """mHC's ``h_pre = sigmoid(.) + eps``, ``h_post = 2 sigmoid(.)`` and the gated res logits
+    ``a_res * m_res + b_res`` from ``mixes [..., 2n + res]`` (res: n*n, or n! for mHC-lite)."""
+    base = base.to(mixes.dtype)
+    scale = scale.to(mixes.dtype)
+    h_pre = torch.sigmoid(scale[0] * mixes[..., :n] + base[:n]) + eps
+    h_post = 2.0 * torch.sigmoid(scale[1] * mixes[..., n : 2 * n] + base[n : 2 * n])
+    return h_pre, h_post, scale[2] * mixes[..., 2 * n :] + base[2 * n :]
 
 
 def mhc_coefficients(
@@ -74,11 +101,7 @@ def mhc_coefficients(
         ``sum_j h_res[i, j] * x[j]``.
     """
     mixes, n = _projected_mixes(x, fn, eps)
-    base = base.to(mixes.dtype)
-    scale = scale.to(mixes.dtype)
-    h_pre = torch.sigmoid(scale[0] * mixes[..., :n] + base[:n]) + eps
-    h_post = 2.0 * torch.sigmoid(scale[1] * mixes[..., n : 2 * n] + base[n : 2 * n])
-    res_logits = scale[2] * mixes[..., 2 * n :] + base[2 * n :]
+    h_pre, h_post, res_logits = _gates_and_res_logits(mixes, base, scale, n, eps)
     h_res = sinkhorn(res_logits.unflatten(-1, (n, n)), iters=iters, eps=eps)
     return h_pre, h_post, h_res
 
@@ -114,4 +137,58 @@ def hc_coefficients(
     h_pre = scale[0] * gated[..., :n] + base[:n]
     h_post = scale[1] * gated[..., n : 2 * n] + base[n : 2 * n]
     h_res = (scale[2] * gated[..., 2 * n :] + base[2 * n :]).unflatten(-1, (n, n))
+    return h_pre, h_post, h_res
+
+
+@functools.cache
+def _permutations(n: int) -> torch.Tensor:
+    """``[n!, n, n]`` fp64 CPU: ``P[k, i, sigma_k(i)] = 1`` for the permutations of ``range(n)``
+    in lexicographic order (``k = 0`` is the identity)."""
+    perms = torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long)
+    return torch.nn.functional.one_hot(perms, n).to(torch.float64)
+
+
+def permutation_matrices(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The ``n!`` permutation matrices ``[n!, n, n]``, identity first (see ``_permutations``).
+
+    Row ``i`` of ``P[k]`` picks stream ``sigma_k(i)``: ``(P[k] @ X)[i] = X[sigma_k(i)]``.
+    """
+    if not 1 <= n <= MAX_LITE_STREAMS:
+        raise ValueError(
+            f"mHC-lite mixes n! permutation matrices; n={n} is outside 1..{MAX_LITE_STREAMS} "
+            "(use --mhc-variant mhc for more streams)"
+        )
+    return _permutations(n).to(device=device, dtype=dtype)
+
+
+def mhc_lite_coefficients(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC-lite coefficients (arXiv 2601.05732): exactly doubly stochastic ``H_res``.
+
+    ``h_pre`` and ``h_post`` as in :func:`mhc_coefficients`; ``H_res = sum_k w_k P_k`` with
+    ``w = softmax(a_res * m_res + b_res)`` over the ``n!`` permutation matrices ``P_k``
+    (Birkhoff-von Neumann: every doubly stochastic matrix is such a convex combination). Rows
+    and columns sum to 1 up to rounding, with no iterations.
+
+    Args:
+        x: ``[..., n, C]`` streams (any float dtype; math in fp32).
+        fn: ``[n! + 2n, n*C]`` projection, rows ``[pre (n) | post (n) | res (n!)]``, the res
+            rows in the order of :func:`permutation_matrices`.
+        base: ``[n! + 2n]`` static logits, same order.
+        scale: ``[3]`` gating factors ``(alpha_pre, alpha_post, alpha_res)``.
+        eps: eps of the RMS and of ``h_pre``.
+
+    Returns:
+        ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])``, fp32 (fp64 for fp64 input).
+    """
+    mixes, n = _projected_mixes(x, fn, eps, lite=True)
+    h_pre, h_post, res_logits = _gates_and_res_logits(mixes, base, scale, n, eps)
+    weights = torch.softmax(res_logits, dim=-1)
+    perms = permutation_matrices(n, device=mixes.device, dtype=mixes.dtype)
+    h_res = (weights @ perms.flatten(1)).unflatten(-1, (n, n))
     return h_pre, h_post, h_res
