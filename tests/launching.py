@@ -6,13 +6,11 @@ each launch runs in its own session and the whole process group is killed when i
 
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
+from mhc_megatron.processes import free_port, kill_tree
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a local-spec model needs on CPU (no apex / TransformerEngine kernels; see
@@ -30,13 +28,6 @@ CPU_LOCAL_FLAGS = [
     "--no-bias-swiglu-fusion",
 ]  # fmt: skip
 ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.E+-]+) \|")
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(
@@ -65,27 +56,9 @@ def launch(
             pass
         finally:
             if rc != 0:
-                _kill_tree(proc)
+                kill_tree(proc)
                 proc.wait()
     return rc, log.read_text()
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Kills torchrun and every rank: the ranks may sit in sessions of their own, so the process
-    group alone does not reach them."""
-    try:
-        victims = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        victims = []
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for victim in victims:
-        try:
-            victim.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def losses(text: str) -> dict[int, float]:
