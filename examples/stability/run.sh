@@ -29,12 +29,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 
 # 1. Data: the standard library's top-level modules, byte-level (as examples/tiny; no download).
 DATA_PREFIX="$OUT_DIR/data/stdlib"
-if [[ ! -f "${DATA_PREFIX}_text_document.idx" ]]; then
-  STDLIB="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')"
-  "$PYTHON" "$ROOT/tools/preprocess_data.py" \
-    --input "$STDLIB/*.py" --input-format text --tokenizer-type ByteLevel --append-eod \
-    --output-prefix "$DATA_PREFIX" --workers 1 --cache-dir "$OUT_DIR/data/hf-cache"
-fi
+"$ROOT/tools/stdlib_corpus.sh" "$OUT_DIR/data" "$PYTHON"
 
 # 2. Train each variant from the same seed (same data order, same initial branch weights).
 MODEL_ARGS=(

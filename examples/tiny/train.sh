@@ -21,12 +21,7 @@ mkdir -p "$OUT_DIR"
 
 # 1. Data: tokenize the standard library's top-level modules once (byte-level, no download).
 DATA_PREFIX="$OUT_DIR/data/stdlib"
-if [[ ! -f "${DATA_PREFIX}_text_document.idx" ]]; then
-  STDLIB="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')"
-  "$PYTHON" "$ROOT/tools/preprocess_data.py" \
-    --input "$STDLIB/*.py" --input-format text --tokenizer-type ByteLevel --append-eod \
-    --output-prefix "$DATA_PREFIX" --workers 1 --cache-dir "$OUT_DIR/data/hf-cache"
-fi
+"$ROOT/tools/stdlib_corpus.sh" "$OUT_DIR/data" "$PYTHON"
 
 # 2. Train. Byte-level tokens: NullTokenizer with vocab 257 (eod = 256).
 ARGS=(
