@@ -193,9 +193,11 @@ def _initialize(args) -> None:
     with socket.socket() as s:  # init_process_group reads the rendezvous from the environment
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}
-    for key, value in (*env.items(), ("LOCAL_RANK", "0")):
-        os.environ.setdefault(key, value)
+    # Always this process's own one-rank group: a MASTER_PORT inherited from a parent (a test
+    # session, a torchrun) would be shared by the measures that `report --jobs` runs at once.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
     set_global_variables(args, build_tokenizer=True)
     initialize_megatron(allow_no_cuda=args.cpu)
 
