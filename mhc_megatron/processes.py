@@ -33,3 +33,21 @@ def kill_tree(proc: subprocess.Popen) -> None:
             victim.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout_s: float | None) -> int | None:
+    """Waits for ``proc``; returns its exit code, or None when ``timeout_s`` ran out.
+
+    Unless it exited 0 (a timeout, a failure, or an exception such as KeyboardInterrupt while
+    waiting), the whole tree is killed and reaped: ranks left behind by a failed launch spin on.
+    """
+    rc = None
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if rc != 0:
+            kill_tree(proc)
+            proc.wait()
+    return rc

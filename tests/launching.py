@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mhc_megatron.processes import free_port, kill_tree
+from mhc_megatron.processes import free_port, wait_or_kill
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a local-spec model needs on CPU (no apex / TransformerEngine kernels; see
@@ -49,15 +49,7 @@ def launch(
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-        rc = None
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            if rc != 0:
-                kill_tree(proc)
-                proc.wait()
+        rc = wait_or_kill(proc, timeout_s)
     return rc, log.read_text()
 
 

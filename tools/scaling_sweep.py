@@ -80,7 +80,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mhc_megatron.processes import free_port, kill_tree
+from mhc_megatron.processes import free_port, kill_tree, wait_or_kill
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SH = ROOT / "examples" / "recipes" / "run.sh"
@@ -722,15 +722,9 @@ def _launch(
         running.add(proc)
         if stop.is_set():  # Ctrl-C came while it started
             kill_tree(proc)
-        rc = None
         try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
+            rc = wait_or_kill(proc, timeout_s)  # timed out or failed: gloo ranks would spin on
         finally:
-            if rc is None:  # timed out or interrupted: gloo ranks would spin on
-                kill_tree(proc)
-                proc.wait()
             running.discard(proc)
     seconds = time.monotonic() - start
     if rc is None:
