@@ -11,22 +11,12 @@ import sys
 from pathlib import Path
 
 from mhc_megatron.processes import free_port, wait_or_kill
+from mhc_megatron.training.cpu import CPU_FLAGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# What a local-spec model needs on CPU (no apex / TransformerEngine kernels; see
-# mhc_megatron/training/cpu.py). The fusion switches skip torch.compile of kernels that only pay
-# off on a GPU: --no-bias-swiglu-fusion alone saves ~25 s per cold start.
-CPU_LOCAL_FLAGS = [
-    "--cpu",
-    "--transformer-impl", "local",
-    "--no-persist-layer-norm",
-    "--no-gradient-accumulation-fusion",
-    "--no-masked-softmax-fusion",
-    "--disable-bias-linear",
-    "--no-bias-dropout-fusion",
-    "--no-rope-fusion",
-    "--no-bias-swiglu-fusion",
-]  # fmt: skip
+# CPU flags (mhc_megatron/training/cpu.py) plus --disable-bias-linear, which MoE needs on CPU
+# (the expert bias+GeLU fusion is refused).
+CPU_LOCAL_FLAGS = [*CPU_FLAGS, "--disable-bias-linear"]
 ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.E+-]+) \|")
 
 

@@ -29,10 +29,7 @@ RECIPES = ROOT / "examples" / "recipes"
 # Built on one CPU rank with the local modules: TransformerEngine's modules hold the same
 # parameters (a fused layer-norm weight instead of a separate norm module).
 SINGLE_RANK_FLAGS = [
-    "--cpu", "--transformer-impl", "local", "--no-persist-layer-norm",
-    "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-rope-fusion",
-    "--no-bias-dropout-fusion", "--no-bias-swiglu-fusion", "--use-cpu-initialization",
-    "--micro-batch-size", "1", "--train-iters", "1", "--mock-data",
+    "--use-cpu-initialization", "--micro-batch-size", "1", "--train-iters", "1", "--mock-data",
 ]  # fmt: skip
 
 
@@ -76,7 +73,7 @@ def build_meta_model(pretrain_args: list[str]):
     Returns:
         (model, parsed args).
     """
-    from mhc_megatron.training.cpu import enable_cpu_mode
+    from mhc_megatron.training.cpu import CPU_FLAGS, enable_cpu_mode
 
     enable_cpu_mode()  # before Megatron's import: its CUDA calls land on CPU
     import torch
@@ -89,7 +86,7 @@ def build_meta_model(pretrain_args: list[str]):
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
-    argv, sys.argv = sys.argv, [sys.argv[0], *pretrain_args, *SINGLE_RANK_FLAGS]
+    argv, sys.argv = sys.argv, [sys.argv[0], *pretrain_args, *CPU_FLAGS, *SINGLE_RANK_FLAGS]
     try:
         # Not parse_and_validate_args: it also sets Megatron's global args, once per process.
         args = parse_args(extra_args_provider=add_mhc_args)

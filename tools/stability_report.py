@@ -162,7 +162,7 @@ def _single_rank_args(ckpt_args, load_dir: Path, iteration: int | None, opts, cp
         setattr(args, name, value)
     args.cpu = cpu
     if cpu:
-        # What pretrain_mhc.py needs on CPU (tests/launching.py CPU_LOCAL_FLAGS): the local
+        # What pretrain_mhc.py needs on CPU (CPU_FLAGS in mhc_megatron/training/cpu.py): the local
         # modules, no fused kernels, fp32 (no bf16 CPU kernels for everything).
         for name in (
             "persist_layer_norm", "gradient_accumulation_fusion", "masked_softmax_fusion",

@@ -132,6 +132,19 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 SUPPORTED_MEGATRON_CORE_VERSION = "0.19.2"
+# pretrain_mhc.py flags that run a local-spec model on CPU without changing its parameters (see
+# the module docstring). The fusion switches skip torch.compile of kernels that only pay off on
+# a GPU: --no-bias-swiglu-fusion alone saves ~25 s per cold start.
+CPU_FLAGS = (
+    "--cpu",
+    "--transformer-impl", "local",
+    "--no-persist-layer-norm",
+    "--no-gradient-accumulation-fusion",
+    "--no-masked-softmax-fusion",
+    "--no-bias-dropout-fusion",
+    "--no-rope-fusion",
+    "--no-bias-swiglu-fusion",
+)  # fmt: skip
 
 _enabled = False
 _lock = threading.Lock()
