@@ -5,12 +5,13 @@ numbers mean nothing (the Triton kernels run in Triton's interpreter)."""
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from mhc_megatron.processes import free_port
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
 # Tiny shape, given explicitly so the parameter count below does not depend on the presets.
@@ -19,19 +20,13 @@ ARGS = dict(layers=L, hidden=C, heads=HEADS, experts=E, topk=K, shared=SHARED, m
 ARGS |= dict(seq=S, batch=B, vocab=V, streams=N, iters=1, warmup=0, site_iters=1, gemm=128)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     """One run in a subprocess: its process group and CPU mode stay out of this process."""
     out = tmp_path_factory.mktemp("bench_step") / "step.json"
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in ARGS.items()]
     cmd = [sys.executable, str(BENCH), "--device", "cpu", *argv, "--out", str(out)]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "mHC share" in proc.stdout  # the readable table was printed

@@ -2,18 +2,12 @@
 dtypes and the configuration errors."""
 
 import os
-import socket
 
 import pytest
 import torch
 
+from mhc_megatron.processes import free_port
 from mhc_megatron.training.cpu import enable_cpu_mode
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,7 +20,7 @@ def single_rank():
     created = not dist.is_initialized()
     if created:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(123)
