@@ -204,18 +204,23 @@ def _bwd_coef_kernel(mixes_ptr, inv_rms_ptr, base_ptr, scale_ptr, g_pre_ptr, g_p
     b, e, mx = _sinkhorn(logits, valid, eps, iters, den_ptr, den_offs, BT, P, True)
     tl.debug_barrier()  # the scratch is re-read below, possibly by other threads of the block
     gb = tl.load(g_res_ptr + t64[:, None, None] * (n * n) + i * n + j, mask=res_mask, other=0.0)
+    # The walk back carries q = g * value, the gradient with respect to the log of each
+    # iteration's matrix: for out = y / (sum(y) + eps), q_y = q_out - out * sum(q_out). Its
+    # Jacobian has entries in [0, 1]; the gradient with respect to the values themselves is
+    # divided by a denominator at every step, and underflowed rows or columns (denominator eps)
+    # overflow it to inf (ops.sinkhorn's docstring).
+    q = tl.where(valid, gb * b, 0.0)
     for it in range(iters):
         k = iters - 1 - it
         dc = tl.load(den_ptr + (2 * k) * BT * P + den_offs)[:, None, :]
         dr = tl.load(den_ptr + (2 * k + 1) * BT * P + den_offs)[:, :, None]
-        # b = a / dr (rows), a = x / dc (columns); d(y / sum(y)) = (g - sum(g * out)) / den.
-        # Padding is masked: its denominators are eps, which would blow its gradient up.
+        # b = a / dr (rows), a = x / dc (columns).
         a = b * dr
-        ga = tl.where(valid, (gb - tl.sum(gb * b, axis=2)[:, :, None]) / dr, 0.0)
-        gb = (ga - tl.sum(ga * a, axis=1)[:, None, :]) / dc
+        q = tl.where(valid, q - b * tl.sum(q, axis=2)[:, :, None], 0.0)
+        q = q - a * tl.sum(q, axis=1)[:, None, :]
         b = a * dc
     # exp(L - max): the max takes minus the whole sum, split evenly between ties (as torch.amax).
-    ge = gb * e
+    ge = q
     is_max = valid & (logits == mx[:, None, None])
     n_max = tl.sum(tl.sum(is_max.to(tl.float32), axis=2), axis=1)
     shift = tl.sum(tl.sum(ge, axis=2), axis=1) / n_max
