@@ -13,14 +13,35 @@ from mhc_megatron.training.cpu import enable_cpu_mode
 
 
 def main() -> None:
-    """Parse the arguments and run Megatron's pretrain() on the mHC GPT model."""
+    """Run :func:`train`; a :class:`RunCheckError` (a run that must not start or go on) or an
+    invalid mHC setting becomes one message on stderr and exit code 1."""
+    from mhc_megatron.training.run_checks import RunCheckError
+
+    try:
+        train()
+    except RunCheckError as error:
+        _fail(error)
+    except ValueError as error:  # MHCConfigError: an mHC setting; its message says the fix
+        config = sys.modules.get("mhc_megatron.megatron.config")
+        if config is None or not isinstance(error, config.MHCConfigError):
+            raise
+        _fail(error)
+
+
+def _fail(error: Exception) -> None:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def train() -> None:
+    """Parse the arguments, check the run, and run Megatron's pretrain() on the mHC GPT model."""
     if "--cpu" in sys.argv:
         # Before parsing: validating tensor-parallel arguments already queries the GPU.
         enable_cpu_mode()
 
     import torch
     from megatron.core.enums import ModelType
-    from megatron.training import pretrain
+    from megatron.training import get_tokenizer, pretrain, print_rank_0
     from megatron.training.argument_utils import (
         gpt_config_from_args,
         pretrain_cfg_container_from_args,
@@ -29,7 +50,7 @@ def main() -> None:
 
     from mhc_megatron.megatron.diagnostics import install_training_diagnostics
     from mhc_megatron.megatron.model import MHCGPTModelConfig, mhc_layer_spec
-    from mhc_megatron.training import gpt_step
+    from mhc_megatron.training import gpt_step, guards, run_checks
     from mhc_megatron.training.arguments import add_mhc_args, mhc_transformer_config_from_args
     from mhc_megatron.training.schedule import install_step_schedule
 
@@ -39,6 +60,11 @@ def main() -> None:
         install_step_schedule(args)
     except ValueError as error:
         sys.exit(f"error: {error}")
+    # The checkpoint, the model it holds, the data and the run lock, before any process group:
+    # a refusal exits 1 on every rank, with nothing written.
+    for note in run_checks.check_run(args, get_tokenizer().vocab_size):
+        print_rank_0(note)
+    guards.install(args)
     config = mhc_transformer_config_from_args(args)
     if config.mhc_enabled:
         install_training_diagnostics(config.mhc_diagnostics_interval)

@@ -46,3 +46,17 @@ def launch(
 def losses(text: str) -> dict[int, float]:
     """``{iteration: lm loss}`` from Megatron's ``iteration ... | lm loss: ...`` lines."""
     return {int(it): float(loss) for it, _, loss in ITERATION_RE.findall(text)}
+
+
+def step_losses(text: str) -> dict[int, float]:
+    """``{iteration: lm loss of that iteration alone}`` from a launch logged with
+    ``--log-interval 1``.
+
+    Megatron 0.19.2 logs the first iteration of a process without resetting its accumulators
+    (``training.py:2594``), so the line after it prints the mean of both: undone here.
+    """
+    logged = losses(text)
+    if len(logged) >= 2:
+        first = min(logged)
+        logged[first + 1] = 2 * logged[first + 1] - logged[first]
+    return logged

@@ -13,6 +13,9 @@ VARIANTS = ("residual", "hc", "mhc", "mhc-lite")
 INITS = ("paper", "residual")
 COLLAPSES = ("head", "mean")
 BACKENDS = ("torch", "triton", "auto")
+# Streams beyond this make the per-site projection n^2 * n * C (n = 100 at C = 128: 130M
+# parameters a site); the paper uses 4, and the fused kernels take n <= 8.
+MAX_NUM_STREAMS = 16
 
 
 class MHCConfigError(ValueError):
@@ -109,9 +112,11 @@ class MHCTransformerConfig(TransformerConfig):
                 f"of {', '.join(VARIANTS)} (--mhc-variant)",
             ),
             (
-                isinstance(self.mhc_num_streams, int) and self.mhc_num_streams >= 1,
-                f"mhc_num_streams={self.mhc_num_streams} must be an integer >= 1 "
-                "(--mhc-num-streams; the paper uses 4)",
+                isinstance(self.mhc_num_streams, int)
+                and 1 <= self.mhc_num_streams <= MAX_NUM_STREAMS,
+                f"mhc_num_streams={self.mhc_num_streams} must be an integer from 1 to "
+                f"{MAX_NUM_STREAMS} (--mhc-num-streams; the paper uses 4, the fused kernels "
+                f"take up to {MAX_KERNEL_STREAMS}); each site's projection has n^3 * C weights",
             ),
             (
                 self.mhc_variant != "mhc-lite" or self.mhc_num_streams <= MAX_LITE_STREAMS,

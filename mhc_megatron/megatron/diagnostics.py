@@ -242,3 +242,41 @@ def install_training_diagnostics(interval: int) -> None:
 
     train_step_with_diagnostics.mhc_diagnostics = True
     training.train_step = train_step_with_diagnostics
+
+
+@dataclass
+class NonFiniteSites:
+    """Which sites produced non-finite coefficients in this iteration's training forward passes.
+
+    Off unless ``enabled`` (the run guards of ``mhc_megatron/training/guards.py`` turn it on). A
+    site adds the sum of its coefficients to a per-site device scalar, which stays finite
+    exactly while every coefficient is (the entries are bounded: h_pre < 1 + eps, h_post < 2,
+    H_res in [0, 1] for mHC); nothing is synchronised until a step turns out non-finite. Input
+    streams that hold NaN/inf make the site's coefficients non-finite too, so the first such
+    site is where the forward pass went wrong (its input streams or its own projection).
+    """
+
+    enabled: bool = False
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def note(self, layer_number: int, kind: str, *coefficients: torch.Tensor) -> None:
+        """Adds one site's coefficients of one training micro-batch."""
+        if not self.enabled or not torch.is_grad_enabled():
+            return
+        total = sum(c.detach().sum(dtype=torch.float32) for c in coefficients)
+        key = site_key(layer_number, kind)
+        previous = self.sums.get(key)
+        self.sums[key] = total if previous is None else previous + total
+
+    def first_nonfinite(self) -> str | None:
+        """The first site in model order whose coefficients were not finite, or None."""
+        for key in sorted(self.sums):
+            if not torch.isfinite(self.sums[key]):
+                return key
+        return None
+
+    def reset(self) -> None:
+        self.sums = {}
+
+
+NONFINITE_SITES = NonFiniteSites()

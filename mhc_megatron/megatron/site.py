@@ -8,7 +8,7 @@ from megatron.core.transformer.module import MegatronModule
 from mhc_megatron import ops
 from mhc_megatron.megatron.backend import site_ops
 from mhc_megatron.megatron.config import MHCTransformerConfig
-from mhc_megatron.megatron.diagnostics import RECORDER
+from mhc_megatron.megatron.diagnostics import NONFINITE_SITES, RECORDER
 
 # Off-diagonal static res logit of the residual-equivalent init: exp(-12) * (n - 1) < 1e-4 for
 # n <= 8, so H_res is the identity to within the spec's 1e-4.
@@ -134,4 +134,5 @@ class MHCSite(KeepFP32Module):
                 x, fn, base, scale, iters=self.config.mhc_sinkhorn_iters, eps=self.config.mhc_eps
             )
         RECORDER.offer(self.layer_index + 1, self.kind, *coefficients)  # no-op unless armed
+        NONFINITE_SITES.note(self.layer_index + 1, self.kind, *coefficients)  # off unless guarded
         return coefficients

@@ -22,6 +22,27 @@ def add_mhc_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Run on CPU with gloo (redirects Megatron-Core's hard-coded CUDA calls; "
         "see mhc_megatron/training/cpu.py). Never active on a GPU run.",
     )
+    group.add_argument(
+        "--nonfinite-step",
+        choices=("skip", "stop"),
+        default="skip",
+        help="A step whose loss or gradients hold NaN/inf is never applied: skip it (Megatron "
+        "counts a skipped iteration) or stop the run with exit code 1. Either way the first site "
+        "and parameter that went non-finite are named (mhc_megatron/training/guards.py).",
+    )
+    group.add_argument(
+        "--max-nonfinite-steps-in-a-row",
+        type=int,
+        default=10,
+        help="Stop (exit 1) after this many skipped non-finite steps in a row; 0: never.",
+    )
+    group.add_argument(
+        "--allow-checkpoint-model-change",
+        action="store_true",
+        help="Load a checkpoint whose model settings differ from this run's (fine-tuning "
+        "another model; the shapes must still match). Without it such a --load is refused "
+        "with the list of differences (mhc_megatron/training/run_checks.py).",
+    )
     add_step_schedule_args(parser)
     return parser
 

@@ -1,0 +1,291 @@
+"""Resume and run safety, end to end (issue 12): a checkpoint never loads into a different model,
+no non-finite step is applied or saved, and bad input exits non-zero before training with a
+message that says what to change. Checks of the same functions without a launch are in
+tests/test_run_checks.py."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mhc_megatron.processes import free_port, kill_tree
+from tests.launching import CPU_LOCAL_FLAGS, REPO_ROOT, launch, losses, step_losses
+
+SCRIPT = REPO_ROOT / "pretrain_mhc.py"
+TINY_MOE = [
+    *CPU_LOCAL_FLAGS,
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "64", "--max-position-embeddings", "64", "--position-embedding-type", "rope",
+    "--normalization", "RMSNorm", "--swiglu",
+    "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "64",
+    "--moe-layer-freq", "[0,1]", "--moe-token-dispatcher-type", "alltoall",
+    "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--micro-batch-size", "4", "--global-batch-size", "4", "--lr", "3e-3",
+    "--lr-decay-style", "constant", "--log-interval", "1", "--eval-interval", "1000",
+    "--eval-iters", "0", "--tokenizer-type", "NullTokenizer", "--vocab-size", "257",
+    "--seed", "1234", "--ckpt-format", "torch_dist", "--save-interval", "3",
+]  # fmt: skip
+FIRST_STEP = "iteration        1/"
+
+
+def _run(args, log, nproc=1, expect_rc=0):
+    rc, text = launch(SCRIPT, nproc, args, log)
+    if rc != expect_rc:
+        pytest.fail(f"pretrain_mhc.py exited {rc}, expected {expect_rc}; {log}:\n{text[-5000:]}")
+    return text
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted 6-step run on mock data, checkpoints at 3 and 6: ``(dir, losses)``."""
+    work = tmp_path_factory.mktemp("reference")
+    ckpt = work / "ckpt"
+    args = [*TINY_MOE, "--mock-data", "--train-iters", "6", "--save", str(ckpt), "--load",
+            str(ckpt)]  # fmt: skip
+    text = _run(args, work / "run.log")
+    curve = step_losses(text)
+    assert sorted(curve) == list(range(1, 7))
+    return ckpt, curve
+
+
+def _resume_args(ckpt, save, *extra):
+    return [*TINY_MOE, "--mock-data", "--train-iters", "6", "--load", str(ckpt),
+            "--ckpt-step", "3", "--save", str(save), *extra]  # fmt: skip
+
+
+def test_tp_change_keeps_the_padded_vocabulary_and_continues_the_curve(reference, tmp_path):
+    # Before: TP 2 padded the vocabulary to 512 rows, the 384-row checkpoint loaded without a
+    # word and the first resumed loss was ~6% off.
+    ckpt, expected = reference
+    layout = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    text = _run(_resume_args(ckpt, tmp_path / "tp2", *layout), tmp_path / "tp2.log", nproc=2)
+    assert "padded vocabulary: 384 rows from the checkpoint" in text
+    resumed = step_losses(text)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        # TP 2 sums the attention/MLP partial products in another order: fp32 rounding only.
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5), (step, resumed, expected)
+
+
+def test_same_layout_resume_is_exact(reference, tmp_path):
+    ckpt, expected = reference
+    resumed = step_losses(_run(_resume_args(ckpt, tmp_path / "same"), tmp_path / "same.log"))
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        # Bit-exact training; step_losses undoes Megatron's averaged second line from printed
+        # values (7 digits), which costs up to 2 units of the last digit.
+        assert resumed[step] == pytest.approx(expected[step], rel=0, abs=3e-6), step
+
+
+@pytest.mark.parametrize(
+    "change, listed",
+    [
+        (["--mhc-variant", "hc"], ["mhc_variant: checkpoint 'mhc', this run 'hc'",
+                                   "pass --mhc-variant mhc"]),
+        (["--mhc-variant", "residual", "--hidden-size", "32"],
+         ["mhc_variant: checkpoint 'mhc', this run 'residual'", "hidden_size: checkpoint 64",
+          "pass --hidden-size 64"]),
+    ],
+    ids=["hc-on-mhc", "residual-narrower"],
+)  # fmt: skip
+def test_a_different_model_is_refused_before_training(reference, tmp_path, change, listed):
+    # Before: hc loaded and trained a dead model (grad norm 0, exit 0); residual failed with a
+    # KeyError listing hundreds of keys.
+    ckpt, _ = reference
+    text = _run(_resume_args(ckpt, tmp_path / "other", *change), tmp_path / "x.log", expect_rc=1)
+    for line in listed:
+        assert line in text
+    assert "--allow-checkpoint-model-change" in text and FIRST_STEP not in text
+    assert not (tmp_path / "other").exists() or not any((tmp_path / "other").glob("iter_*"))
+
+
+def _tensors(checkpoint_dir, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = tmp_path / f"{checkpoint_dir.name}.pt"
+    dcp_to_torch_save(str(checkpoint_dir), str(target))
+    state = torch.load(target, weights_only=False)
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+
+
+def test_nonfinite_steps_are_skipped_named_and_never_saved(tmp_path):
+    # lr 1e30 makes the first update finite but huge; every later forward overflows. Before: the
+    # NaN step was applied ("skipped iterations: 0"), the NaN model saved, every resume failed.
+    ckpt = tmp_path / "ckpt"
+    args = [*TINY_MOE, "--mock-data", "--train-iters", "8", "--lr", "1e30", "--weight-decay",
+            "0", "--save", str(ckpt), "--save-interval", "1", "--max-nonfinite-steps-in-a-row",
+            "2"]  # fmt: skip
+    text = _run(args, tmp_path / "nan.log", expect_rc=1)
+    assert "warning: iteration 2: non-finite step, not applied (1 in a row)" in text
+    assert "number of skipped iterations:   1" in text
+    assert "first site with non-finite coefficients L001.attention" in text
+    assert "first parameter with a non-finite gradient" in text
+    assert "error: iteration 3: non-finite step" in text and "Stopping (2 non-finite" in text
+    saved = sorted(p.name for p in ckpt.glob("iter_*"))
+    assert saved == ["iter_0000001", "iter_0000002"], saved
+    for name in saved:
+        for key, value in _tensors(ckpt / name, tmp_path).items():
+            assert torch.isfinite(value).all(), (name, key)
+    # --nonfinite-step stop: the first one ends the run.
+    stop = _run([*args[:-2], "--nonfinite-step", "stop", "--save", str(tmp_path / "stop")],
+                tmp_path / "stop.log", expect_rc=1)  # fmt: skip
+    assert "error: iteration 2: non-finite step" in stop and "--nonfinite-step stop" in stop
+
+
+def test_a_large_init_trains_with_finite_gradients(tmp_path):
+    # Before: --init-method-std 1e4 gave mHC a NaN grad norm at step 1 (the Sinkhorn backward
+    # overflowed on underflowed columns) while the residual model stayed finite.
+    args = [*TINY_MOE, "--mock-data", "--train-iters", "3", "--init-method-std", "1e4",
+            "--mhc-backend", "torch"]  # fmt: skip
+    text = _run(args, tmp_path / "init.log")
+    norms = [float(v) for v in re.findall(r"grad norm: ([0-9.eE+-]+|nan|inf)", text)]
+    assert len(norms) == 3 and all(torch.isfinite(torch.tensor(norms))), norms
+    assert "non-finite step" not in text
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    """Indexed byte-level datasets: ``three`` (3 documents) and ``bytes`` (this repo's ops)."""
+    work = tmp_path_factory.mktemp("corpora")
+    docs = work / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"d{i}.txt").write_text(f"document {i} " * 50)
+    prefixes = {}
+    ops_sources = str(REPO_ROOT / "mhc_megatron" / "ops" / "*.py")
+    for name, inputs in (("three", [str(docs / "*.txt")]), ("bytes", [ops_sources])):
+        subprocess.run(
+            [sys.executable, str(REPO_ROOT / "tools" / "preprocess_data.py"), "--input", *inputs,
+             "--input-format", "text", "--tokenizer-type", "ByteLevel", "--append-eod",
+             "--output-prefix", str(work / name), "--cache-dir", str(work / "cache")],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        prefixes[name] = str(work / f"{name}_text_document")
+    return prefixes
+
+
+def _bad_input(case, reference, corpora, tmp_path):
+    """``(extra args, expected substrings)`` for one bad input."""
+    ckpt, _ = reference
+    if case in ("garbled-tracker", "empty-tracker"):
+        copy = tmp_path / "copy"
+        shutil.copytree(ckpt, copy)
+        (copy / "latest_checkpointed_iteration.txt").write_text(
+            "" if case == "empty-tracker" else "iter six\n"
+        )
+        return ["--mock-data", "--load", str(copy), "--save", str(copy)], [
+            "latest_checkpointed_iteration.txt holds",
+            "--ckpt-step N",
+            "here: 3, 6",
+        ]
+    if case == "load-is-a-file":
+        target = tmp_path / "file"
+        target.write_text("not a checkpoint")
+        return ["--mock-data", "--load", str(target), "--save", str(tmp_path / "s")], [
+            "is a file, not a checkpoint directory"
+        ]
+    if case == "load-is-another-empty-dir":
+        (tmp_path / "empty").mkdir()
+        return ["--mock-data", "--load", str(tmp_path / "empty"), "--save", str(tmp_path / "s")], [
+            "is empty and is not the --save directory"
+        ]
+    if case == "damaged-shard":
+        copy = tmp_path / "copy"
+        shutil.copytree(ckpt, copy)
+        shard = next((copy / "iter_0000006").glob("*.distcp"))
+        shard.write_bytes(torch.randint(0, 256, (shard.stat().st_size,),
+                                        dtype=torch.uint8).numpy().tobytes())  # fmt: skip
+        return ["--mock-data", "--load", str(copy), "--save", str(copy)], [
+            "iter_0000006 is damaged",
+            "--ckpt-step 3",
+        ]
+    if case == "truncated-shard":
+        copy = tmp_path / "copy"
+        shutil.copytree(ckpt, copy)
+        shard = next((copy / "iter_0000006").glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:1000])
+        return ["--mock-data", "--load", str(copy), "--save", str(copy)], [
+            f"{shard} has 1000 bytes",
+            "--ckpt-step 3",
+        ]
+    if case == "split-without-documents":
+        return ["--data-path", corpora["three"], "--split", "98,2,0"], [
+            "gives the valid split 0 of 3 documents",
+            "--split 98,2,0",
+        ]
+    if case == "truncated-bin":
+        prefix = str(tmp_path / "cut")
+        shutil.copy(corpora["bytes"] + ".idx", prefix + ".idx")
+        data = open(corpora["bytes"] + ".bin", "rb").read()
+        open(prefix + ".bin", "wb").write(data[: len(data) // 2])
+        return ["--data-path", prefix, "--split", "100,0,0"], [f"{prefix}.bin has", "truncated"]
+    if case == "token-ids-above-vocab":
+        return ["--data-path", corpora["bytes"], "--split", "100,0,0", "--vocab-size", "100"], [
+            f"{corpora['bytes']}.bin holds token id",
+            "another tokenizer",
+        ]
+    if case == "too-many-streams":
+        return ["--mock-data", "--mhc-num-streams", "100"], ["from 1 to 16"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["garbled-tracker", "empty-tracker", "load-is-a-file", "load-is-another-empty-dir",
+     "damaged-shard", "truncated-shard", "split-without-documents", "truncated-bin",
+     "token-ids-above-vocab", "too-many-streams"],
+)  # fmt: skip
+def test_bad_input_exits_nonzero_with_a_fix(case, reference, corpora, tmp_path):
+    # Before: exit 0 without training (tracker), training from scratch (--load), a hang (split),
+    # late errors naming no file (data, shards), or a 1B-parameter model (n = 100).
+    extra, expected = _bad_input(case, reference, corpora, tmp_path)
+    args = [*TINY_MOE, "--train-iters", "6", *extra]
+    if "--save" not in extra:
+        args += ["--save", str(tmp_path / "run")]
+    text = _run(args, tmp_path / "bad.log", expect_rc=1)
+    assert "error: " in text, text[-3000:]
+    for fragment in expected:
+        assert fragment in text, (fragment, text[-3000:])
+    assert FIRST_STEP not in text
+
+
+def test_resuming_with_more_iterations_says_which_flag_extends_a_run(reference, tmp_path):
+    ckpt, _ = reference
+    args = [*TINY_MOE, "--mock-data", "--train-iters", "9", "--load", str(ckpt), "--save",
+            str(tmp_path / "longer")]  # fmt: skip
+    text = _run(args, tmp_path / "longer.log", expect_rc=1)
+    assert "--override-opt-param-scheduler" in text and "AssertionError" not in text
+    assert FIRST_STEP not in text
+    text = _run([*args, "--override-opt-param-scheduler"], tmp_path / "ok.log")
+    assert sorted(losses(text)) == [7, 8, 9]
+
+
+def test_a_second_run_on_the_same_save_dir_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    common = [*TINY_MOE, "--mock-data", "--save", str(ckpt), "--load", str(ckpt)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(SCRIPT),
+           *common, "--train-iters", "100000"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    with open(tmp_path / "first.log", "w") as out:
+        first = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)  # fmt: skip
+    try:
+        lock = ckpt / "mhc_run.lock"
+        deadline = time.time() + 120
+        while not (lock.is_file() and "pid" in lock.read_text()) and time.time() < deadline:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        holder = lock.read_text().strip()
+        text = _run([*common, "--train-iters", "5"], tmp_path / "second.log", expect_rc=1)
+        assert "another run is using --save" in text and holder in text
+        assert FIRST_STEP not in text
+    finally:
+        kill_tree(first)
+        first.wait()
