@@ -4,16 +4,22 @@
 # (on every machine, no download).
 #
 # Environment: NPROC (ranks, default 1), TRAIN_ITERS (default 300), OUT_DIR (default
-# runs/tiny), PYTHON (default .venv/bin/python if present). Extra arguments go to
+# runs/tiny), PYTHON (default .venv/bin/python if present), MASTER_PORT (rendezvous port;
+# default: a free one, so two runs on one machine do not collide). Extra arguments go to
 # pretrain_mhc.py after the script's own, so Megatron flags given here override them, e.g.
 #   NPROC=2 examples/tiny/train.sh --tensor-model-parallel-size 2 --sequence-parallel
-# Running it again resumes from $OUT_DIR/checkpoints.
+# Running it again resumes from $OUT_DIR/checkpoints (any TP/PP/EP layout; a different model is
+# refused). A second run on the same OUT_DIR while one is going is refused too. To extend a
+# finished run: TRAIN_ITERS=600 examples/tiny/train.sh --override-opt-param-scheduler (the LR
+# schedule is recomputed for the new length; the warmup fraction then applies to 600 steps).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 NPROC="${NPROC:-1}"
 TRAIN_ITERS="${TRAIN_ITERS:-300}"
 OUT_DIR="${OUT_DIR:-$ROOT/runs/tiny}"
+# Prints a TCP port that is free right now (the default rendezvous port).
+FREE_PORT_PY='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -50,4 +56,4 @@ ARGS=(
 )
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --master-addr 127.0.0.1 \
-  --master-port "${MASTER_PORT:-29533}" "$ROOT/pretrain_mhc.py" "${ARGS[@]}" "$@"
+  --master-port "${MASTER_PORT:-$("$PYTHON" -c "$FREE_PORT_PY")}" "$ROOT/pretrain_mhc.py" "${ARGS[@]}" "$@"
