@@ -17,6 +17,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # CPU flags (mhc_megatron/training/cpu.py) plus --disable-bias-linear, which MoE needs on CPU
 # (the expert bias+GeLU fusion is refused).
 CPU_LOCAL_FLAGS = [*CPU_FLAGS, "--disable-bias-linear"]
+# A 2-layer MoE mHC model small enough for a few CPU steps per second (data and batch flags are
+# the caller's).
+TINY_MOE = [
+    *CPU_LOCAL_FLAGS,
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "64", "--max-position-embeddings", "64", "--position-embedding-type", "rope",
+    "--normalization", "RMSNorm", "--swiglu",
+    "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "64",
+    "--moe-layer-freq", "[0,1]", "--moe-token-dispatcher-type", "alltoall",
+    "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--micro-batch-size", "4", "--lr", "3e-3", "--lr-decay-style", "constant",
+    "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "0",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "257", "--seed", "1234",
+]  # fmt: skip
 ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.E+-]+) \|")
 
 

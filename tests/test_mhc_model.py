@@ -166,7 +166,7 @@ def test_hc_paper_init_reads_one_stream_per_layer():
     "overrides, message",
     [
         (dict(mhc_variant="hyper"), "mhc_variant='hyper' is unknown; use one of residual, hc"),
-        (dict(mhc_num_streams=0), "mhc_num_streams=0 must be an integer >= 1"),
+        (dict(mhc_num_streams=0), "mhc_num_streams=0 must be an integer from 1 to 16"),
         (dict(hidden_size=30), "hidden_size=30 is not a multiple of num_attention_heads=4"),
         (dict(mhc_sinkhorn_iters=0), "--mhc-sinkhorn-iters"),
         (

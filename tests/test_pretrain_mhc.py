@@ -6,22 +6,9 @@ import sys
 
 import pytest
 
-from tests.launching import CPU_LOCAL_FLAGS, REPO_ROOT, launch, losses
+from tests.launching import REPO_ROOT, TINY_MOE, launch, losses
 
 SCRIPT = REPO_ROOT / "pretrain_mhc.py"
-
-TINY_MOE = [
-    *CPU_LOCAL_FLAGS,
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "64", "--max-position-embeddings", "64", "--position-embedding-type", "rope",
-    "--normalization", "RMSNorm", "--swiglu",
-    "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "64",
-    "--moe-layer-freq", "[0,1]", "--moe-token-dispatcher-type", "alltoall",
-    "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--micro-batch-size", "4", "--lr", "3e-3", "--lr-decay-style", "constant",
-    "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "0",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "257", "--seed", "1234",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,11 @@ import pytest
 import torch
 
 from mhc_megatron.processes import free_port, kill_tree
-from tests.launching import CPU_LOCAL_FLAGS, REPO_ROOT, launch, losses, step_losses
+from tests.launching import REPO_ROOT, TINY_MOE, launch, losses, step_losses
 
 SCRIPT = REPO_ROOT / "pretrain_mhc.py"
-TINY_MOE = [
-    *CPU_LOCAL_FLAGS,
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "64", "--max-position-embeddings", "64", "--position-embedding-type", "rope",
-    "--normalization", "RMSNorm", "--swiglu",
-    "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "64",
-    "--moe-layer-freq", "[0,1]", "--moe-token-dispatcher-type", "alltoall",
-    "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--micro-batch-size", "4", "--global-batch-size", "4", "--lr", "3e-3",
-    "--lr-decay-style", "constant", "--log-interval", "1", "--eval-interval", "1000",
-    "--eval-iters", "0", "--tokenizer-type", "NullTokenizer", "--vocab-size", "257",
-    "--seed", "1234", "--ckpt-format", "torch_dist", "--save-interval", "3",
+RUN_FLAGS = [  # the tiny model, resumable every 3 steps
+    *TINY_MOE, "--global-batch-size", "4", "--ckpt-format", "torch_dist", "--save-interval", "3",
 ]  # fmt: skip
 FIRST_STEP = "iteration        1/"
 
@@ -45,7 +35,7 @@ def reference(tmp_path_factory):
     """One uninterrupted 6-step run on mock data, checkpoints at 3 and 6: ``(dir, losses)``."""
     work = tmp_path_factory.mktemp("reference")
     ckpt = work / "ckpt"
-    args = [*TINY_MOE, "--mock-data", "--train-iters", "6", "--save", str(ckpt), "--load",
+    args = [*RUN_FLAGS, "--mock-data", "--train-iters", "6", "--save", str(ckpt), "--load",
             str(ckpt)]  # fmt: skip
     text = _run(args, work / "run.log")
     curve = step_losses(text)
@@ -54,7 +44,7 @@ def reference(tmp_path_factory):
 
 
 def _resume_args(ckpt, save, *extra):
-    return [*TINY_MOE, "--mock-data", "--train-iters", "6", "--load", str(ckpt),
+    return [*RUN_FLAGS, "--mock-data", "--train-iters", "6", "--load", str(ckpt),
             "--ckpt-step", "3", "--save", str(save), *extra]  # fmt: skip
 
 
@@ -117,7 +107,7 @@ def test_nonfinite_steps_are_skipped_named_and_never_saved(tmp_path):
     # lr 1e30 makes the first update finite but huge; every later forward overflows. Before: the
     # NaN step was applied ("skipped iterations: 0"), the NaN model saved, every resume failed.
     ckpt = tmp_path / "ckpt"
-    args = [*TINY_MOE, "--mock-data", "--train-iters", "8", "--lr", "1e30", "--weight-decay",
+    args = [*RUN_FLAGS, "--mock-data", "--train-iters", "8", "--lr", "1e30", "--weight-decay",
             "0", "--save", str(ckpt), "--save-interval", "1", "--max-nonfinite-steps-in-a-row",
             "2"]  # fmt: skip
     text = _run(args, tmp_path / "nan.log", expect_rc=1)
@@ -140,7 +130,7 @@ def test_nonfinite_steps_are_skipped_named_and_never_saved(tmp_path):
 def test_a_large_init_trains_with_finite_gradients(tmp_path):
     # Before: --init-method-std 1e4 gave mHC a NaN grad norm at step 1 (the Sinkhorn backward
     # overflowed on underflowed columns) while the residual model stayed finite.
-    args = [*TINY_MOE, "--mock-data", "--train-iters", "3", "--init-method-std", "1e4",
+    args = [*RUN_FLAGS, "--mock-data", "--train-iters", "3", "--init-method-std", "1e4",
             "--mhc-backend", "torch"]  # fmt: skip
     text = _run(args, tmp_path / "init.log")
     norms = [float(v) for v in re.findall(r"grad norm: ([0-9.eE+-]+|nan|inf)", text)]
@@ -244,7 +234,7 @@ def test_bad_input_exits_nonzero_with_a_fix(case, reference, corpora, tmp_path):
     # Before: exit 0 without training (tracker), training from scratch (--load), a hang (split),
     # late errors naming no file (data, shards), or a 1B-parameter model (n = 100).
     extra, expected = _bad_input(case, reference, corpora, tmp_path)
-    args = [*TINY_MOE, "--train-iters", "6", *extra]
+    args = [*RUN_FLAGS, "--train-iters", "6", *extra]
     if "--save" not in extra:
         args += ["--save", str(tmp_path / "run")]
     text = _run(args, tmp_path / "bad.log", expect_rc=1)
@@ -256,7 +246,7 @@ def test_bad_input_exits_nonzero_with_a_fix(case, reference, corpora, tmp_path):
 
 def test_resuming_with_more_iterations_says_which_flag_extends_a_run(reference, tmp_path):
     ckpt, _ = reference
-    args = [*TINY_MOE, "--mock-data", "--train-iters", "9", "--load", str(ckpt), "--save",
+    args = [*RUN_FLAGS, "--mock-data", "--train-iters", "9", "--load", str(ckpt), "--save",
             str(tmp_path / "longer")]  # fmt: skip
     text = _run(args, tmp_path / "longer.log", expect_rc=1)
     assert "--override-opt-param-scheduler" in text and "AssertionError" not in text
@@ -267,7 +257,7 @@ def test_resuming_with_more_iterations_says_which_flag_extends_a_run(reference, 
 
 def test_a_second_run_on_the_same_save_dir_is_refused(tmp_path):
     ckpt = tmp_path / "ckpt"
-    common = [*TINY_MOE, "--mock-data", "--save", str(ckpt), "--load", str(ckpt)]
+    common = [*RUN_FLAGS, "--mock-data", "--save", str(ckpt), "--load", str(ckpt)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(SCRIPT),
            *common, "--train-iters", "100000"]  # fmt: skip
