@@ -30,7 +30,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # four short ones locally and s1-long-residual as a SLURM array task run by hand. The rest stay
 # unfinished on purpose: the fit must use what finished and name what is missing. Tiny and few
 # steps: each run is ~15 s of start-up. --save '' skips the checkpoint (~4 s a run); Megatron's
-# argument check still wants a --save-interval with it.
+# argument check still wants a --save-interval with it. --load '' goes with it: run.sh's --load
+# of a checkpoint directory that will never exist is refused.
 E2E_GRID = """
 recipe: tiny
 cpu: true
@@ -42,7 +43,7 @@ budgets:
   short: [--train-iters, 4]
   long: [--train-iters, 8]
 args: [--lr-warmup-iters, 1, --eval-interval, 1000, --eval-iters, 1, --log-interval, 2,
-       --save, "", --save-interval, 1000]
+       --save, "", --load, "", --save-interval, 1000]
 """
 ORDER = [
     f"{s}-{b}-{v}" for s in ("s1", "s2") for b in ("short", "long") for v in ("residual", "mhc")

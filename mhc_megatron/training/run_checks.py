@@ -129,7 +129,7 @@ def inspect_load_dir(load: str | None, save: str | None, ckpt_step: int | None =
         RunCheckError: ``--load`` is missing, a file, not a checkpoint directory, or its tracker
             or iteration directory is unreadable.
     """
-    if load is None:
+    if not load:  # None, or '' (how a launcher's --load is switched off)
         return None
     directory = Path(load)
     new_run = "; with --load equal to --save, a missing or empty directory starts a new run"
@@ -638,7 +638,7 @@ def check_run(args, vocab_size: int | None) -> list[str]:
                     + ")"
                 )
     check_data(args, vocab_size)
-    if args.save is not None and _global_rank() == 0 and _RUN_LOCK is None:
+    if args.save and _global_rank() == 0 and _RUN_LOCK is None:
         lock = RunLock(args.save)
         lock.acquire()
         _RUN_LOCK = lock
