@@ -83,11 +83,10 @@ def _sinkhorn(
 ):
     """Sinkhorn of ``logits: [BT, P, P]`` (entries outside ``valid`` are padding). With ``SAVE``,
     iteration ``k`` stores its column and row denominators ``[BT, P]`` at ``den_ptr +
-    (2k, 2k+1) * BT*P + den_offs``. Returns ``(M, exp(L - max), max)``."""
+    (2k, 2k+1) * BT*P + den_offs``. Returns ``(M, max)``."""
     logits = tl.where(valid, logits, float("-inf"))  # padding: exp(-inf) = 0
     mx = tl.max(tl.max(logits, axis=2), axis=1)
-    e = tl.exp(logits - mx[:, None, None])
-    m = e
+    m = tl.exp(logits - mx[:, None, None])
     for k in range(iters):
         dc = tl.sum(m, axis=1) + eps  # column sums (over rows i)
         m = m * (1.0 / dc)[:, None, :]
@@ -96,7 +95,7 @@ def _sinkhorn(
         if SAVE:
             tl.store(den_ptr + (2 * k) * BT * P + den_offs, dc)
             tl.store(den_ptr + (2 * k + 1) * BT * P + den_offs, dr)
-    return m, e, mx
+    return m, mx
 
 
 @triton.jit
@@ -158,7 +157,7 @@ def _fwd_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, h_pre_ptr, h_post_ptr, h_res
     i = tl.arange(0, P)[None, :, None]
     j = tl.arange(0, P)[None, None, :]
     valid = (i < n) & (j < n)
-    h, _, _ = _sinkhorn(logits, valid, eps, iters, h_res_ptr, 0, BT, P, False)
+    h, _ = _sinkhorn(logits, valid, eps, iters, h_res_ptr, 0, BT, P, False)
     tl.store(
         h_res_ptr + t64[:, None, None] * (n * n) + i * n + j, h, mask=t_mask[:, None, None] & valid
     )
@@ -201,7 +200,7 @@ def _bwd_coef_kernel(mixes_ptr, inv_rms_ptr, base_ptr, scale_ptr, g_pre_ptr, g_p
     logits = s_res * m_res + tl.load(base_ptr + res_col, mask=valid, other=0.0)
     den_ptr = scratch_ptr + pid.to(tl.int64) * (2 * iters * BT * P)
     den_offs = tl.arange(0, BT)[:, None] * P + tl.arange(0, P)[None, :]
-    b, e, mx = _sinkhorn(logits, valid, eps, iters, den_ptr, den_offs, BT, P, True)
+    b, mx = _sinkhorn(logits, valid, eps, iters, den_ptr, den_offs, BT, P, True)
     tl.debug_barrier()  # the scratch is re-read below, possibly by other threads of the block
     gb = tl.load(g_res_ptr + t64[:, None, None] * (n * n) + i * n + j, mask=res_mask, other=0.0)
     # The walk back carries q = g * value, the gradient with respect to the log of each
@@ -219,12 +218,12 @@ def _bwd_coef_kernel(mixes_ptr, inv_rms_ptr, base_ptr, scale_ptr, g_pre_ptr, g_p
         q = tl.where(valid, q - b * tl.sum(q, axis=2)[:, :, None], 0.0)
         q = q - a * tl.sum(q, axis=1)[:, None, :]
         b = a * dc
-    # exp(L - max): the max takes minus the whole sum, split evenly between ties (as torch.amax).
-    ge = q
+    # q is now the gradient with respect to L - max: the max takes minus the whole sum, split
+    # evenly between ties (as torch.amax).
     is_max = valid & (logits == mx[:, None, None])
     n_max = tl.sum(tl.sum(is_max.to(tl.float32), axis=2), axis=1)
-    shift = tl.sum(tl.sum(ge, axis=2), axis=1) / n_max
-    dz_res = tl.where(res_mask, ge - tl.where(is_max, shift[:, None, None], 0.0), 0.0)
+    shift = tl.sum(tl.sum(q, axis=2), axis=1) / n_max
+    dz_res = tl.where(res_mask, q - tl.where(is_max, shift[:, None, None], 0.0), 0.0)
 
     # mixes = raw * inv_rms, d inv_rms / d x = -inv_rms^3 * x / K.
     dm_pp = s_pp * dz_pp
