@@ -34,10 +34,8 @@ TINY_MOE = [
 ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.E+-]+) \|")
 
 
-def launch(
-    script: Path, nproc: int, args: list[str], log: Path, timeout_s: int = 240
-) -> tuple[int | None, str]:
-    """Runs ``script`` under torchrun; returns ``(exit code or None on timeout, output)``."""
+def start(script: Path, nproc: int, args: list[str], out) -> subprocess.Popen:
+    """Starts ``script`` under torchrun in a session of its own, output to the file ``out``."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", str(nproc),
@@ -49,11 +47,16 @@ def launch(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("TRITON_INTERPRET", None)  # set by conftest.py for the kernel tests only
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # fmt: skip
+
+
+def launch(
+    script: Path, nproc: int, args: list[str], log: Path, timeout_s: int = 240
+) -> tuple[int | None, str]:
+    """Runs ``script`` under torchrun; returns ``(exit code or None on timeout, output)``."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        rc = wait_or_kill(proc, timeout_s)
+        rc = wait_or_kill(start(script, nproc, args, out), timeout_s)
     return rc, log.read_text()
 
 

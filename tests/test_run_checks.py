@@ -164,3 +164,15 @@ def test_too_many_streams_is_a_config_error():
     with pytest.raises(MHCConfigError, match="from 1 to 16"):
         MHCTransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
                              mhc_num_streams=100)  # fmt: skip
+
+
+def test_batch_token_ids_outside_the_vocabulary_are_refused():
+    import torch
+
+    good = {"tokens": torch.tensor([[0, 5, 256]]), "labels": torch.tensor([[5, 256, 0]])}
+    run_checks.check_batch_token_ids(good, 257, "NullTokenizer")
+    for key, bad, value in (("tokens", 257, 257), ("labels", -1, -1)):
+        batch = {**good, key: torch.tensor([[1, value]])}
+        with pytest.raises(RunCheckError, match=rf"a training batch \('{key}'\) holds token id "
+                           rf"{bad}, outside the 257 ids"):  # fmt: skip
+            run_checks.check_batch_token_ids(batch, 257, "NullTokenizer")

@@ -3,7 +3,6 @@ no non-finite step is applied or saved, and bad input exits non-zero before trai
 message that says what to change. Checks of the same functions without a launch are in
 tests/test_run_checks.py."""
 
-import os
 import re
 import shutil
 import subprocess
@@ -13,8 +12,8 @@ import time
 import pytest
 import torch
 
-from mhc_megatron.processes import free_port, kill_tree
-from tests.launching import REPO_ROOT, TINY_MOE, launch, losses, step_losses
+from mhc_megatron.processes import kill_tree
+from tests.launching import REPO_ROOT, TINY_MOE, launch, losses, start, step_losses
 
 SCRIPT = REPO_ROOT / "pretrain_mhc.py"
 RUN_FLAGS = [  # the tiny model, resumable every 3 steps
@@ -258,14 +257,8 @@ def test_resuming_with_more_iterations_says_which_flag_extends_a_run(reference, 
 def test_a_second_run_on_the_same_save_dir_is_refused(tmp_path):
     ckpt = tmp_path / "ckpt"
     common = [*RUN_FLAGS, "--mock-data", "--save", str(ckpt), "--load", str(ckpt)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(SCRIPT),
-           *common, "--train-iters", "100000"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
     with open(tmp_path / "first.log", "w") as out:
-        first = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                 start_new_session=True)  # fmt: skip
+        first = start(SCRIPT, 1, [*common, "--train-iters", "100000"], out)
     try:
         lock = ckpt / "mhc_run.lock"
         deadline = time.time() + 120

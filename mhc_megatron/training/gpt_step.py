@@ -44,7 +44,7 @@ from megatron.training import get_args, get_timers, get_tokenizer, print_rank_0
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
 from mhc_megatron.training.guards import NONFINITE_LOSS
-from mhc_megatron.training.run_checks import RunCheckError
+from mhc_megatron.training.run_checks import check_batch_token_ids, data_prefixes
 
 # A loss this many times the largest loss seen so far counts as a spike (as in pretrain_gpt.py).
 SPIKY_LOSS_FACTOR = 10
@@ -85,26 +85,6 @@ def _mtp_on_this_rank(args, vp_stage: int | None) -> bool:
     )
 
 
-def _check_token_ids(data: dict) -> None:
-    """Token ids >= the vocabulary would fail deep in the embedding with a bare IndexError (or,
-    below the padded size, train on rows no token should reach). The batch is still on the CPU
-    here, so the check costs no device synchronisation."""
-    vocab = get_tokenizer().vocab_size
-    for key in ("tokens", "labels"):
-        value = data.get(key)
-        if value is None or value.numel() == 0:
-            continue
-        largest = int(value.max())
-        if largest >= vocab or int(value.min()) < 0:
-            bad = largest if largest >= vocab else int(value.min())
-            raise RunCheckError(
-                f"a training batch holds token id {bad} in {key!r}, outside the tokenizer's "
-                f"{vocab} ids (--tokenizer-type {get_args().tokenizer_type}): the data was "
-                "tokenized with another tokenizer. Pass the tokenizer (and --vocab-size) it was "
-                "made with, or re-tokenize it with tools/preprocess_data.py."
-            )
-
-
 def get_batch(data_iterator: Iterator[dict] | None, vp_stage: int | None = None) -> tuple:
     """Read one micro-batch and give every tensor-parallel rank the same copy.
 
@@ -140,7 +120,7 @@ def get_batch(data_iterator: Iterator[dict] | None, vp_stage: int | None = None)
     batch: dict[str, Any] = {}
     if tp_rank == 0:
         data = next(data_iterator)
-        _check_token_ids(data)
+        check_batch_token_ids(data, get_tokenizer().vocab_size, args.tokenizer_type)
         device = _device()
         for key in _BATCH_KEYS:
             value = data.get(key)
@@ -205,20 +185,11 @@ def loss_func(
     num_tokens = mask.sum().clone().detach().to(torch.int)
     report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
 
-    # The run guard (guards.py) skips the step when any rank's loss is non-finite; Megatron's
-    # own check below (re-run, then save and exit) is off while the guard is installed.
+    # Noted on this rank before the data-parallel all-reduce spreads a NaN everywhere: the run
+    # guard (guards.py) then skips the step. It replaces Megatron's NaN check, which re-ran the
+    # iteration and then saved the model (guards.install turns that flag off).
     NONFINITE_LOSS.note(loss)
-    # Check this rank's loss before the data-parallel all-reduce spreads a NaN everywhere.
     rerun_state_machine = get_rerun_state_machine()
-    if args.check_for_nan_in_loss_and_grad:
-        for rejection_func, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
-            rerun_state_machine.validate_result(
-                result=loss,
-                rejection_func=rejection_func,
-                message=f"found {what} in local forward loss calculation",
-                tolerance=0.0,  # the forward pass is deterministic
-                fatal=True,
-            )
     if args.check_for_spiky_loss:
         rerun_state_machine.validate_result(
             result=loss,
@@ -278,11 +249,6 @@ def is_dataset_built_on_rank(vp_stage: int | None = None) -> bool:
     )
 
 
-def _blend_prefixes(blend) -> list[str]:
-    """The dataset prefixes of a ``(prefixes, weights)`` blend (None -> [])."""
-    return [] if blend is None else list(blend[0])
-
-
 def check_data_paths(args) -> None:
     """Fail with a clear message if a data prefix has no ``.bin``/``.idx`` on disk.
 
@@ -298,10 +264,7 @@ def check_data_paths(args) -> None:
     """
     if args.mock_data:
         return
-    blend, blend_per_split = get_blend_and_blend_per_split(args)
-    prefixes = _blend_prefixes(blend)
-    for split_blend in blend_per_split or []:
-        prefixes += _blend_prefixes(split_blend)
+    prefixes = data_prefixes(args)
     if not prefixes:
         raise FileNotFoundError(
             "No training data given: pass --data-path PREFIX (a dataset written by "

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from mhc_megatron.megatron.diagnostics import NONFINITE_SITES
-from mhc_megatron.training.run_checks import RunCheckError
+from mhc_megatron.training.run_checks import RunCheckError, available_iterations
 
 PATCHES = {
     "training.setup_model_and_optimizer": "training.py:2017; wraps the optimizer's step() with "
@@ -70,18 +70,30 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _flag_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _any_rank(local: torch.Tensor | bool) -> bool:
-    """True when ``local`` is true on any rank (one all-reduce)."""
-    flag = torch.as_tensor(local, dtype=torch.float32, device=_flag_device()).reshape(1)
+def _any_rank(local: torch.Tensor) -> bool:
+    """True when the boolean scalar ``local`` (on the model's device, which the process group's
+    backend takes) is true on any rank: one all-reduce."""
+    flag = local.to(torch.float32).reshape(1)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item() > 0)
+
+
+def _model_device(model_chunks) -> torch.device:
+    return next(p for chunk in model_chunks for p in chunk.parameters()).device
+
+
+def _grad_of(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """Megatron DDP's ``main_grad`` where it exists, else ``grad``."""
+    grad = getattr(param, "main_grad", None)
+    return param.grad if grad is None else grad
+
+
+def _param_name(name: str) -> str:
+    """A parameter's name without the ``module.`` prefixes of DDP and Float16Module."""
+    while name.startswith("module."):
+        name = name[len("module.") :]
+    return name
 
 
 def _grad_tensors(model_chunks) -> list[torch.Tensor]:
@@ -95,11 +107,7 @@ def _grad_tensors(model_chunks) -> list[torch.Tensor]:
         if buffers:
             tensors += [b.grad_data for b in buffers if getattr(b, "grad_data", None) is not None]
             continue
-        for param in chunk.parameters():
-            grad = getattr(param, "main_grad", None)
-            grad = param.grad if grad is None else grad
-            if grad is not None:
-                tensors.append(grad)
+        tensors += [g for g in map(_grad_of, chunk.parameters()) if g is not None]
     return tensors
 
 
@@ -108,7 +116,7 @@ def _local_nonfinite(model_chunks) -> torch.Tensor:
     if NONFINITE_LOSS.flag is not None:
         flags.append(NONFINITE_LOSS.flag)
     if not flags:
-        return torch.zeros((), dtype=torch.bool)
+        return torch.zeros((), dtype=torch.bool, device=_model_device(model_chunks))
     return torch.stack(flags).any()
 
 
@@ -116,14 +124,13 @@ def _first_nonfinite_parameter(model_chunks) -> str | None:
     bad, total, first = 0, 0, None
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
-            grad = getattr(param, "main_grad", None)
-            grad = param.grad if grad is None else grad
+            grad = _grad_of(param)
             if grad is None:
                 continue
             total += 1
             if not torch.isfinite(grad).all():
                 bad += 1
-                first = first or name.removeprefix("module.").removeprefix("module.")
+                first = first or _param_name(name)
     return None if first is None else f"{first} ({bad} of {total} gradient tensors)"
 
 
@@ -223,11 +230,12 @@ def _patch_save_checkpoint() -> None:
         for chunk in chunks:
             for name, param in chunk.named_parameters():
                 if not torch.isfinite(param.detach()).all():
-                    first = name.removeprefix("module.").removeprefix("module.")
+                    first = _param_name(name)
                     break
             if first:
                 break
-        if _any_rank(first is not None):
+        found = torch.tensor(first is not None, device=_model_device(chunks))
+        if _any_rank(found):
             raise RunCheckError(
                 f"refusing to save the checkpoint of iteration {iteration}: parameters hold "
                 f"NaN/inf ({'first: ' + first if first else 'on another rank'}). The checkpoints "
@@ -253,16 +261,13 @@ def _patch_load_checkpoint() -> None:
         except (Exception, CheckpointException) as error:  # DCP's is a BaseException
             from megatron.training import get_args
 
-            from mhc_megatron.training.run_checks import _available
-
-            run = get_args()
-            directory = run.load
+            directory = get_args().load
             detail = str(error).strip().splitlines()
             raise RunCheckError(
                 f"loading the checkpoint in {directory} failed ({type(error).__name__}: "
                 f"{detail[-1] if detail else ''}). A shard may be damaged or overwritten: resume "
                 f"from another iteration with --ckpt-step N (iterations there: "
-                f"{_available(Path(directory))})."
+                f"{available_iterations(Path(directory))})."
             ) from error
 
     training.load_checkpoint = load_checkpoint

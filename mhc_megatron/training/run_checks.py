@@ -17,9 +17,10 @@ process group exists, so nothing hangs and nothing is written.
   recompute, backend) is not one of them. Megatron pads the vocabulary to a multiple of
   ``make_vocab_size_divisible_by * TP``, so a TP change would otherwise load a 384-row embedding
   into 512 rows without a word; the checkpoint's padded size is kept when the new TP divides it.
-- :func:`check_indexed_dataset` / :func:`check_split`: ``.bin``/``.idx`` agree, token ids are
-  below the vocabulary, and no split with a non-zero weight gets zero documents (Megatron's
-  GPTDataset loops forever on an empty split).
+- :func:`read_index`, :func:`check_token_ids` and :func:`check_split`: ``.bin``/``.idx`` agree,
+  token ids are below the vocabulary, and no split with a non-zero weight gets zero documents
+  (Megatron's GPTDataset loops forever on an empty split). :func:`check_batch_token_ids` does
+  the token check again on every batch ``get_batch`` reads.
 - :class:`RunLock`: an exclusive ``flock`` on ``<save>/mhc_run.lock`` held by rank 0 for the
   life of the run; a second run on the same directory is refused with the first one's host and
   pid. The lock goes with the process (a killed run leaves nothing to clean up).
@@ -109,7 +110,8 @@ def _iteration_dirs(directory: Path) -> list[int]:
     return sorted(found)
 
 
-def _available(directory: Path) -> str:
+def available_iterations(directory: Path) -> str:
+    """The checkpoint iterations in ``directory``, for messages ("3, 6" or "none")."""
     iterations = _iteration_dirs(directory)
     return ", ".join(map(str, iterations)) if iterations else "none"
 
@@ -160,7 +162,7 @@ def inspect_load_dir(load: str | None, save: str | None, ckpt_step: int | None =
             raise RunCheckError(
                 f"{tracker} holds {shown}; it must hold an iteration number (or 'release'). "
                 f"Write the number of the newest complete checkpoint into it (iter_* directories "
-                f"here: {_available(directory)}) or pass --ckpt-step N."
+                f"here: {available_iterations(directory)}) or pass --ckpt-step N."
             )
     else:
         entries = [e.name for e in directory.iterdir() if e.name != LOCK_NAME]
@@ -168,9 +170,9 @@ def inspect_load_dir(load: str | None, save: str | None, ckpt_step: int | None =
             return None
         if _iteration_dirs(directory):
             raise RunCheckError(
-                f"--load {load} has checkpoint directories (iterations {_available(directory)}) "
-                f"but no {TRACKER} (a save that did not finish?). Pass --ckpt-step N to load "
-                f"one, or write N into {tracker}."
+                f"--load {load} has checkpoint directories (iterations "
+                f"{available_iterations(directory)}) but no {TRACKER} (a save that did not "
+                f"finish?). Pass --ckpt-step N to load one, or write N into {tracker}."
             )
         if not entries:
             raise RunCheckError(
@@ -187,7 +189,8 @@ def inspect_load_dir(load: str | None, save: str | None, ckpt_step: int | None =
     if not path.is_dir():
         raise RunCheckError(
             f"--load {load}: checkpoint {path.name} does not exist (iterations here: "
-            f"{_available(directory)}). Pass --ckpt-step N with one of them, or fix {tracker}."
+            f"{available_iterations(directory)}). Pass --ckpt-step N with one of them, or fix "
+            f"{tracker}."
         )
     if (path / "metadata.json").is_file():
         fmt = "torch_dist"
@@ -197,7 +200,7 @@ def inspect_load_dir(load: str | None, save: str | None, ckpt_step: int | None =
         raise RunCheckError(
             f"{path} is not a Megatron checkpoint (no metadata.json, no mp_rank_* files): a save "
             f"that did not finish? Pass --ckpt-step N with an earlier iteration "
-            f"({_available(directory)})."
+            f"({available_iterations(directory)})."
         )
     return CheckpointInfo(directory, iteration, release, path, fmt)
 
@@ -478,16 +481,39 @@ def max_token_id(prefix: str, info: IndexedDatasetInfo) -> tuple[int, bool]:
     return max(int(data[s : s + window].max()) for s in starts), False
 
 
+def foreign_token_error(where: str, token: int, vocab_size: int, tokenizer: str):
+    """The RunCheckError for a token id outside ``[0, vocab_size)`` found in ``where``."""
+    return RunCheckError(
+        f"{where} holds token id {token}, outside the {vocab_size} ids of the tokenizer "
+        f"(--tokenizer-type {tokenizer}): the data was tokenized with another tokenizer. Pass "
+        "the tokenizer (and --vocab-size) it was made with, or re-tokenize it with "
+        "tools/preprocess_data.py."
+    )
+
+
 def check_token_ids(prefix: str, info: IndexedDatasetInfo, vocab_size: int, tokenizer: str):
     """Raises RunCheckError when ``prefix.bin`` holds a token id >= ``vocab_size``."""
     largest, complete = max_token_id(prefix, info)
     if largest >= vocab_size:
-        raise RunCheckError(
-            f"{prefix}.bin holds token id {largest}, but the tokenizer ({tokenizer}) has "
-            f"{vocab_size} ids{'' if complete else ' (found in a sample of the file)'}: the data "
-            "was tokenized with another tokenizer. Pass the tokenizer (and --vocab-size) it was "
-            "made with, or re-tokenize it with tools/preprocess_data.py."
-        )
+        where = f"{prefix}.bin" + ("" if complete else " (a sample of it)")
+        raise foreign_token_error(where, largest, vocab_size, tokenizer)
+
+
+def check_batch_token_ids(batch: dict, vocab_size: int, tokenizer: str) -> None:
+    """Raises RunCheckError when a batch's ``tokens`` or ``labels`` leave ``[0, vocab_size)``.
+
+    Such ids would fail deep in the embedding with a bare IndexError (or, below the padded
+    size, train rows no token should reach). Meant for the batch while it is still on the CPU,
+    where the check costs no device synchronisation.
+    """
+    for key in ("tokens", "labels"):
+        value = batch.get(key)
+        if value is None or value.numel() == 0:
+            continue
+        largest, smallest = int(value.max()), int(value.min())
+        if largest >= vocab_size or smallest < 0:
+            bad = largest if largest >= vocab_size else smallest
+            raise foreign_token_error(f"a training batch ({key!r})", bad, vocab_size, tokenizer)
 
 
 def check_split(prefix: str, info: IndexedDatasetInfo, split: str, split_matrix) -> None:
@@ -533,22 +559,29 @@ def check_data(args, vocab_size: int | None) -> None:
     )
     from megatron.training.utils import get_blend_and_blend_per_split
 
+    blend, _ = get_blend_and_blend_per_split(args)
+    blended = set(blend[0]) if blend else set()
+    split_vector = parse_and_normalize_split(args.split)
+    split_matrix = convert_split_vector_to_split_matrix(split_vector)
+    for prefix in dict.fromkeys(data_prefixes(args)):
+        if prefix.startswith(("s3://", "msc://")):
+            continue
+        info = read_index(prefix)
+        if _global_rank() == 0 and vocab_size is not None:
+            check_token_ids(prefix, info, vocab_size, args.tokenizer_type)
+        if prefix in blended:
+            check_split(prefix, info, args.split, split_matrix)
+
+
+def data_prefixes(args) -> list[str]:
+    """The dataset prefixes of ``--data-path`` and of the per-split ``--*-data-path`` flags."""
+    from megatron.training.utils import get_blend_and_blend_per_split
+
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     prefixes = list(blend[0]) if blend else []
     for split_blend in blend_per_split or []:
         prefixes += list(split_blend[0]) if split_blend else []
-    rank0 = os.environ.get("RANK", "0") == "0"
-    for prefix in dict.fromkeys(prefixes):
-        if prefix.startswith(("s3://", "msc://")):
-            continue
-        info = read_index(prefix)
-        if rank0 and vocab_size is not None:
-            check_token_ids(prefix, info, vocab_size, args.tokenizer_type)
-        if blend and prefix in blend[0]:
-            split_matrix = convert_split_vector_to_split_matrix(
-                parse_and_normalize_split(args.split)
-            )
-            check_split(prefix, info, args.split, split_matrix)
+    return prefixes
 
 
 class RunLock:
