@@ -100,9 +100,9 @@ def _sinkhorn(
 
 @triton.jit
 def _fwd_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, h_pre_ptr, h_post_ptr, h_res_ptr, mixes_ptr,
-                inv_rms_ptr, T, K, iters, eps, n: tl.constexpr, W2: tl.constexpr,
-                P: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                MODE: tl.constexpr):  # fmt: skip
+                inv_rms_ptr, u_ptr, T, K, iters, eps, n: tl.constexpr, W2: tl.constexpr,
+                P: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr,
+                PRE: tl.constexpr):  # fmt: skip
     N: tl.constexpr = n * n + 2 * n
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     t_mask = t < T
@@ -145,7 +145,8 @@ def _fwd_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, h_pre_ptr, h_post_ptr, h_res
         base_ptr + pp, mask=pp_mask, other=0.0
     )
     sig = tl.sigmoid(z)
-    tl.store(h_pre_ptr + t64[:, None] * n + pp[None, :], sig + eps, mask=t_mask[:, None] & is_pre)
+    h_pre = sig + eps
+    tl.store(h_pre_ptr + t64[:, None] * n + pp[None, :], h_pre, mask=t_mask[:, None] & is_pre)
     tl.store(
         h_post_ptr + t64[:, None] * n + (pp[None, :] - n),
         2.0 * sig,
@@ -161,11 +162,28 @@ def _fwd_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, h_pre_ptr, h_post_ptr, h_res
     tl.store(
         h_res_ptr + t64[:, None, None] * (n * n) + i * n + j, h, mask=t_mask[:, None, None] & valid
     )
+    if PRE:
+        # The site's pre-mix u = sum_j h_pre[j] x[j], from this block's tokens just read above
+        # (the same launch: the fused site reads x once before the branch).
+        C = K // n
+        for c0 in range(0, C, BK):
+            cc = c0 + tl.arange(0, BK)
+            uc_mask = t_mask[:, None] & (cc < C)[None, :]
+            u = tl.zeros((BT, BK), dtype=tl.float32)
+            for s in tl.static_range(n):
+                h_s = tl.sum(tl.where(pp[None, :] == s, h_pre, 0.0), axis=1)  # [BT]
+                x_s = tl.load(
+                    x_ptr + t64[:, None] * K + s * C + cc[None, :], mask=uc_mask, other=0.0
+                )
+                u += h_s[:, None] * x_s.to(tl.float32)
+            tl.store(
+                u_ptr + t64[:, None] * C + cc[None, :], u.to(u_ptr.dtype.element_ty), mask=uc_mask
+            )
 
 
 @triton.jit
 def _bwd_coef_kernel(mixes_ptr, inv_rms_ptr, base_ptr, scale_ptr, g_pre_ptr, g_post_ptr,
-                     g_res_ptr, dm_ptr, rms_coef_ptr, part_base_ptr, part_scale_ptr, scratch_ptr,
+                     g_res_ptr, dm_ptr, rms_coef_ptr, part_ptr, scratch_ptr,
                      T, K, iters, eps, n: tl.constexpr, W2: tl.constexpr, P: tl.constexpr,
                      BT: tl.constexpr):  # fmt: skip
     N: tl.constexpr = n * n + 2 * n
@@ -235,23 +253,31 @@ def _bwd_coef_kernel(mixes_ptr, inv_rms_ptr, base_ptr, scale_ptr, g_pre_ptr, g_p
         dm_ptr + t64[:, None, None] * N + res_col, dm_res * inv_rms[:, None, None], mask=res_mask
     )
 
-    # Per-block partial sums of d_base and d_scale, reduced in a fixed order on the host.
-    tl.store(part_base_ptr + pid * N + pp, tl.sum(dz_pp, axis=0)[None, :], mask=pp < 2 * n)
-    tl.store(part_base_ptr + pid * N + res_col, tl.sum(dz_res, axis=0)[None, :, :], mask=valid)
+    # Per-block partial sums of d_base (N) and d_scale (3) in one row of N + 3, reduced in a
+    # fixed order on the host.
+    part = part_ptr + pid * (N + 3)
+    tl.store(part + pp, tl.sum(dz_pp, axis=0)[None, :], mask=pp < 2 * n)
+    tl.store(part + res_col, tl.sum(dz_res, axis=0)[None, :, :], mask=valid)
     dzm = dz_pp * m_pp
-    tl.store(part_scale_ptr + pid * 3, tl.sum(tl.sum(tl.where(is_pre, dzm, 0.0), axis=1)))
-    tl.store(part_scale_ptr + pid * 3 + 1, tl.sum(tl.sum(tl.where(is_pre, 0.0, dzm), axis=1)))
-    tl.store(part_scale_ptr + pid * 3 + 2, tl.sum(tl.sum(tl.sum(dz_res * m_res, 2), 1)))
+    tl.store(part + N, tl.sum(tl.sum(tl.where(is_pre, dzm, 0.0), axis=1)))
+    tl.store(part + N + 1, tl.sum(tl.sum(tl.where(is_pre, 0.0, dzm), axis=1)))
+    tl.store(part + N + 2, tl.sum(tl.sum(tl.sum(dz_res * m_res, 2), 1)))
 
 
 @triton.jit
-def _bwd_x_kernel(x_ptr, fn_ptr, dm_ptr, rms_coef_ptr, dx_ptr, part_fn_ptr, T, K,
-                  tokens_per_split, n: tl.constexpr, W2: tl.constexpr, P: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr, MODE_DX: tl.constexpr,
-                  MODE_DFN: tl.constexpr):  # fmt: skip
+def _bwd_x_kernel(x_ptr, fn_ptr, dm_ptr, rms_coef_ptr, dx_ptr, part_fn_ptr, du_ptr, h_pre_ptr,
+                  h_res_ptr, dout_ptr, T, C, tokens_per_split, n: tl.constexpr, W2: tl.constexpr,
+                  P: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MODE_DX: tl.constexpr,
+                  MODE_DFN: tl.constexpr, SITE: tl.constexpr,
+                  HAS_DOUT: tl.constexpr):  # fmt: skip
     N: tl.constexpr = n * n + 2 * n
-    kk = tl.program_id(0) * BK + tl.arange(0, BK)
-    k_mask = kk < K
+    K = n * C
+    # Program (j, c block): BK columns of stream j. The n programs of one c block are adjacent,
+    # so with SITE their shared reads of du and dout (below) come from L2.
+    j = tl.program_id(0) % n
+    cc = (tl.program_id(0) // n) * BK + tl.arange(0, BK)
+    k_mask = cc < C
+    kk = j * C + cc
     split = tl.program_id(1)
     pp, pp_mask, res, res_mask = _row_groups(n, W2, P)
     # This block's columns of fn stay in registers for the whole token loop.
@@ -283,7 +309,20 @@ def _bwd_x_kernel(x_ptr, fn_ptr, dm_ptr, rms_coef_ptr, dx_ptr, part_fn_ptr, T, K
             other=0.0,
         )
         coef = tl.load(rms_coef_ptr + t, mask=t_mask, other=0.0)
-        dx = _dot(dm_pp, f_pp, coef[:, None] * x, MODE_DX)
+        acc = coef[:, None] * x
+        if SITE:
+            # The site's other terms of dx[j]: h_pre[j] * du + sum_i h_res[i, j] * dout[i].
+            h_j = tl.load(h_pre_ptr + t64 * n + j, mask=t_mask, other=0.0)
+            du = tl.load(du_ptr + t64[:, None] * C + cc[None, :], mask=xk_mask, other=0.0)
+            acc += h_j[:, None] * du.to(tl.float32)
+            if HAS_DOUT:
+                for i in tl.static_range(n):
+                    h_ij = tl.load(h_res_ptr + t64 * (n * n) + i * n + j, mask=t_mask, other=0.0)
+                    d_i = tl.load(
+                        dout_ptr + t64[:, None] * K + i * C + cc[None, :], mask=xk_mask, other=0.0
+                    )
+                    acc += h_ij[:, None] * d_i.to(tl.float32)
+        dx = _dot(dm_pp, f_pp, acc, MODE_DX)
         dx = _dot(dm_res, f_res, dx, MODE_DX)
         tl.store(
             dx_ptr + t64[:, None] * K + kk[None, :], dx.to(dx_ptr.dtype.element_ty), mask=xk_mask
@@ -338,47 +377,62 @@ def _check(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
         raise ValueError(f"sinkhorn needs iters >= 1, got {iters}")
 
 
-def _forward(x2, fn, base, scale, n, iters, eps):
+def _forward(x2, fn, base, scale, n, iters, eps, pre=False):
     """Launches ``_fwd_kernel`` on ``x2: [T, n*C]``; returns ``(h_pre [T, n], h_post [T, n],
-    h_res [T, n, n], mixes [T, N], inv_rms [T])``, all fp32."""
+    h_res [T, n, n], mixes [T, N], inv_rms [T])``, all fp32, then with ``pre`` the pre-mix
+    ``u [T, C]`` in x's dtype."""
     t, k = x2.shape
+    u = torch.empty(t, k // n, dtype=x2.dtype, device=x2.device) if pre else None
     w2, p = _layout(n)
     f32 = dict(device=x2.device, dtype=torch.float32)
     h_pre, h_post = torch.empty(t, n, **f32), torch.empty(t, n, **f32)
     h_res, mixes = torch.empty(t, n, n, **f32), torch.empty(t, n * n + 2 * n, **f32)
     inv_rms = torch.empty(t, **f32)
     if t == 0:
-        return h_pre, h_post, h_res, mixes, inv_rms
+        return (h_pre, h_post, h_res, mixes, inv_rms) + ((u,) if pre else ())
     # 64 tokens a program halves the L2 reads of fn per byte of x, once there are enough programs.
     bt = 64 if triton.cdiv(t, 64) >= 2 * _num_sms(x2.device) else 32
     mode = "tf32x3" if x2.dtype == torch.float32 else "split_b"
     _fwd_kernel[(triton.cdiv(t, bt),)](
-        x2, fn, base, scale, h_pre, h_post, h_res, mixes, inv_rms, t, k, iters, eps,
-        n=n, W2=w2, P=p, BT=bt, BK=64, MODE=mode, num_warps=4 if p <= 4 else 8, num_stages=3,
+        x2, fn, base, scale, h_pre, h_post, h_res, mixes, inv_rms, x2 if u is None else u, t, k,
+        iters, eps, n=n, W2=w2, P=p, BT=bt, BK=64, MODE=mode, PRE=pre,
+        num_warps=4 if p <= 4 else 8, num_stages=3,
     )  # fmt: skip
-    return h_pre, h_post, h_res, mixes, inv_rms
+    return (h_pre, h_post, h_res, mixes, inv_rms) + ((u,) if pre else ())
 
 
-def _backward(x2, fn, base, scale, mixes, inv_rms, g_pre, g_post, g_res, n, iters, eps):
-    """Returns ``(d_x [T, n*C] in x's dtype, d_fn [N, n*C], d_base [N], d_scale [3])``."""
+def _backward(x2, fn, base, scale, mixes, inv_rms, g_pre, g_post, g_res, n, iters, eps,
+              site=None):  # fmt: skip
+    """Returns ``(d_x [T, n*C] in x's dtype, d_fn [N, n*C], d_base [N], d_scale [3])``.
+
+    With ``site = (du [T, C], h_pre [T, n], h_res [T, n, n], dout [T, n*C] or None)`` (the
+    fused site, :mod:`mhc_megatron.kernels.site`), ``d_x`` also holds the pre-mix's
+    ``h_pre[j] * du`` and the residual mix's ``sum_i h_res[i, j] * dout[i]``: one pass writes
+    the site's whole ``d_x``.
+    """
     t, k = x2.shape
+    c = k // n
     rows = n * n + 2 * n
     w2, p = _layout(n)
     f32 = dict(device=x2.device, dtype=torch.float32)
     bt = 32 if p <= 4 else 16
     blocks = triton.cdiv(t, bt)
     dm, rms_coef = torch.empty(t, rows, **f32), torch.empty(t, **f32)
-    part_base, part_scale = torch.empty(blocks, rows, **f32), torch.empty(blocks, 3, **f32)
     if t > 0:
+        part = torch.empty(blocks, rows + 3, **f32)  # [d_base | d_scale] per block
         scratch = torch.empty(blocks * 2 * iters * bt * p, **f32)
         _bwd_coef_kernel[(blocks,)](
-            mixes, inv_rms, base, scale, g_pre, g_post, g_res, dm, rms_coef, part_base,
-            part_scale, scratch, t, k, iters, eps, n=n, W2=w2, P=p, BT=bt, num_warps=4,
+            mixes, inv_rms, base, scale, g_pre, g_post, g_res, dm, rms_coef, part, scratch, t, k,
+            iters, eps, n=n, W2=w2, P=p, BT=bt, num_warps=4,
         )  # fmt: skip
+        # torch.sum over a fixed shape is a fixed-order reduction: deterministic.
+        dbase, dscale = part.sum(0).split([rows, 3])
+    else:
+        dbase, dscale = torch.zeros(rows, **f32), torch.zeros(3, **f32)
 
     bk = 64 if p <= 4 else 32
     bt = 32
-    k_blocks = triton.cdiv(k, bk)
+    k_blocks = n * triton.cdiv(c, bk)
     # Enough (column block, token range) programs to fill the GPU twice over.
     splits = max(1, min(triton.cdiv(t, bt), triton.cdiv(2 * _num_sms(x2.device), k_blocks)))
     per_split = max(1, triton.cdiv(triton.cdiv(t, splits), bt)) * bt
@@ -386,13 +440,15 @@ def _backward(x2, fn, base, scale, mixes, inv_rms, g_pre, g_post, g_res, n, iter
     dx = torch.empty_like(x2)
     part_fn = torch.empty(splits, rows, k, **f32)
     exact = x2.dtype != torch.float32
+    du, h_pre, h_res, dout = site if site is not None else (x2, x2, x2, None)  # unused without
     _bwd_x_kernel[(k_blocks, splits)](
-        x2, fn, dm, rms_coef, dx, part_fn, t, k, per_split, n=n, W2=w2, P=p, BT=bt, BK=bk,
-        MODE_DX="tf32x3", MODE_DFN="split_a" if exact else "tf32x3",
-        num_warps=4 if p <= 4 else 8, num_stages=3,
+        x2, fn, dm, rms_coef, dx, part_fn, du, h_pre, h_res, x2 if dout is None else dout, t, c,
+        per_split, n=n, W2=w2, P=p, BT=bt, BK=bk, MODE_DX="tf32x3",
+        MODE_DFN="split_a" if exact else "tf32x3", SITE=site is not None,
+        HAS_DOUT=dout is not None, num_warps=4 if p <= 4 else 8, num_stages=3,
     )  # fmt: skip
-    # torch.sum over a fixed shape is a fixed-order reduction: deterministic.
-    return dx, part_fn.sum(0), part_base.sum(0), part_scale.sum(0)
+    # One split (few tokens or many column blocks) is already the sum: no reduction launch.
+    return dx, part_fn[0] if splits == 1 else part_fn.sum(0), dbase, dscale
 
 
 class MHCCoefficientsFunction(torch.autograd.Function):

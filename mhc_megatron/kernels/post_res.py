@@ -77,9 +77,11 @@ def _post_res_bwd_kernel(
     N: tl.constexpr,
     N_PAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    WRITE_DX: tl.constexpr,
 ):
     # One program per token: dh_post and dh_res reduce over all of C, so the program walks C in
-    # chunks and keeps the partial sums in fp32 registers (no atomics, deterministic).
+    # chunks and keeps the partial sums in fp32 registers (no atomics, deterministic). Without
+    # WRITE_DX the fused site writes dx later, in one pass with the other terms of dx.
     tok = tl.program_id(0).to(tl.int64)
     offs_i = tl.arange(0, N_PAD)  # rows of dout / h_res (output stream i)
     offs_j = tl.arange(0, N_PAD)  # columns of h_res (input stream j)
@@ -107,9 +109,10 @@ def _post_res_bwd_kernel(
 
         for j in tl.static_range(N):
             # Column j of h_res, picked out of registers (a masked row-sum, n*n flops).
-            h_col = tl.sum(tl.where(offs_j[None, :] == j, h_res, 0.0), axis=1)  # [i]
-            dx_j = tl.sum(h_col[:, None] * dout, axis=0)  # dx[j] = sum_i h_res[i, j] dout[i]
-            tl.store(dx_tok + j * C + offs_c, dx_j.to(dx_ptr.dtype.element_ty), mask=mask_c)
+            if WRITE_DX:
+                h_col = tl.sum(tl.where(offs_j[None, :] == j, h_res, 0.0), axis=1)  # [i]
+                dx_j = tl.sum(h_col[:, None] * dout, axis=0)  # dx[j] = sum_i h_res[i, j] dout[i]
+                tl.store(dx_tok + j * C + offs_c, dx_j.to(dx_ptr.dtype.element_ty), mask=mask_c)
             x_j = tl.load(x_tok + j * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
             part = tl.sum(dout * x_j[None, :], axis=1)  # sum_c dout[i, c] x[j, c], over i
             dh_res += tl.where(offs_j[None, :] == j, part[:, None], 0.0)  # into column j
@@ -176,25 +179,29 @@ def post_res_backward(
     h_post: torch.Tensor,
     h_res: torch.Tensor,
     dout: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    write_dx: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward.
 
     Args:
         x: ``[T, n, C]``, y: ``[T, C]``, h_post: ``[T, n]``, h_res: ``[T, n, n]``: the forward's
             inputs, contiguous.
         dout: ``[T, n, C]`` contiguous gradient of ``x_next``.
+        write_dx: compute ``dx``; the fused site passes False and adds ``h_res.T @ dout`` to its
+            single ``dx`` pass (:mod:`mhc_megatron.kernels.site`).
 
     Returns:
-        ``(dx [T, n, C] in x's dtype, dy [T, C] in y's dtype, dh_post [T, n] fp32,
+        ``(dx [T, n, C] in x's dtype or None, dy [T, C] in y's dtype, dh_post [T, n] fp32,
         dh_res [T, n, n] fp32)``.
     """
     T, n, C = x.shape
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if write_dx else None
     dy = torch.empty_like(y)
-    dh_post = torch.zeros((T, n), dtype=torch.float32, device=x.device)
-    dh_res = torch.zeros((T, n, n), dtype=torch.float32, device=x.device)
+    # Written in full by the kernel (every token, every i, j < n): no memset.
+    dh_post = torch.empty((T, n), dtype=torch.float32, device=x.device)
+    dh_res = torch.empty((T, n, n), dtype=torch.float32, device=x.device)
     if T == 0 or C == 0:
-        return dx, dy, dh_post, dh_res
+        return dx, dy, dh_post.zero_(), dh_res.zero_()
     n_pad, block_c, num_warps = stream_tile(n, C, _BWD_TILE)
     _post_res_bwd_kernel[(T,)](
         x,
@@ -202,7 +209,7 @@ def post_res_backward(
         h_post,
         h_res,
         dout,
-        dx,
+        dx if write_dx else dout,  # unused without WRITE_DX
         dy,
         dh_post,
         dh_res,
@@ -210,6 +217,7 @@ def post_res_backward(
         N=n,
         N_PAD=n_pad,
         BLOCK_C=block_c,
+        WRITE_DX=write_dx,
         num_warps=num_warps,
     )
     return dx, dy, dh_post, dh_res

@@ -60,7 +60,9 @@ def _pre_bwd_kernel(
     N: tl.constexpr,
     N_PAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    WRITE_DX: tl.constexpr,
 ):
+    # Without WRITE_DX only dh_pre: the fused site adds h_pre * du to its single dx pass.
     # One program per token: dh_pre reduces over all of C, so the program walks C in chunks and
     # keeps the partial sums in fp32 registers (no atomics, deterministic).
     tok = tl.program_id(0).to(tl.int64)
@@ -76,8 +78,9 @@ def _pre_bwd_kernel(
         du = tl.load(du_ptr + tok * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         tile = tok * N * C + offs_n[:, None] * C + offs_c[None, :]
         x = tl.load(x_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        dx = h[:, None] * du[None, :]  # dx[j] = h_pre[j] * du
-        tl.store(dx_ptr + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DX:
+            dx = h[:, None] * du[None, :]  # dx[j] = h_pre[j] * du
+            tl.store(dx_ptr + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dh += tl.sum(x * du[None, :], axis=1)  # dh_pre[j] = sum_c du[c] * x[j, c]
     tl.store(dh_ptr + tok * N + offs_n, dh, mask=mask_n)
 
@@ -124,27 +127,29 @@ def pre_forward(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
 
 
 def pre_backward(
-    x: torch.Tensor, h_pre: torch.Tensor, du: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, h_pre: torch.Tensor, du: torch.Tensor, write_dx: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Launch the backward.
 
     Args:
         x: ``[T, n, C]`` contiguous streams saved from the forward.
         h_pre: ``[T, n]`` contiguous weights.
         du: ``[T, C]`` contiguous gradient of ``u``.
+        write_dx: compute ``dx``; the fused site passes False (only ``dh_pre``).
 
     Returns:
-        ``(dx [T, n, C] in x's dtype, dh_pre [T, n] in fp32)``.
+        ``(dx [T, n, C] in x's dtype or None, dh_pre [T, n] in fp32)``.
     """
     T, n, C = x.shape
-    dx = torch.empty_like(x)
-    dh = torch.zeros((T, n), dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x) if write_dx else None
+    dh = torch.empty((T, n), dtype=torch.float32, device=x.device)  # written in full
     if T == 0 or C == 0:
-        return dx, dh
+        return dx, dh.zero_()
     n_pad, block_c, num_warps = stream_tile(n, C, _BWD_TILE)
     _pre_bwd_kernel[(T,)](
-        x, h_pre, du, dx, dh, C, N=n, N_PAD=n_pad, BLOCK_C=block_c, num_warps=num_warps
-    )
+        x, h_pre, du, dx if write_dx else x, dh, C, N=n, N_PAD=n_pad, BLOCK_C=block_c,
+        WRITE_DX=write_dx, num_warps=num_warps,
+    )  # fmt: skip
     return dx, dh
 
 

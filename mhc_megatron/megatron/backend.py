@@ -18,12 +18,13 @@ def _interpreting() -> bool:
 def _kernels() -> types.SimpleNamespace:
     """The fused kernels, imported on first use: ``TRITON_INTERPRET`` is read when the kernels
     are defined, so importing them early would fix the mode before tests can choose it."""
+    from mhc_megatron.kernels import site
     from mhc_megatron.kernels.coefficients import mhc_coefficients
     from mhc_megatron.kernels.post_res import mhc_post_res
     from mhc_megatron.kernels.pre import mhc_pre
 
     return types.SimpleNamespace(
-        mhc_coefficients=mhc_coefficients, mhc_pre=mhc_pre, mhc_post_res=mhc_post_res
+        mhc_coefficients=mhc_coefficients, mhc_pre=mhc_pre, mhc_post_res=mhc_post_res, site=site
     )
 
 
@@ -60,12 +61,23 @@ def resolve_backend(config: MHCTransformerConfig, device: torch.device) -> str:
     return "triton"
 
 
+_TORCH_OPS = types.SimpleNamespace(
+    mhc_coefficients=ops.mhc_coefficients,
+    mhc_pre=ops.mhc_pre,
+    mhc_post_res=ops.mhc_post_res,
+    fused_site=None,
+)
+
+
 def site_ops(config: MHCTransformerConfig, device: torch.device):
     """The functions a site calls: ``mhc_coefficients``, ``mhc_pre``, ``mhc_post_res``, with the
     signatures of :mod:`mhc_megatron.ops` (the kernels' coefficients also take
-    ``deterministic``, bound here from ``config.deterministic_mode``)."""
+    ``deterministic``, bound here from ``config.deterministic_mode``), and ``fused_site``: the
+    module :mod:`mhc_megatron.kernels.site` where an mHC site runs whole on the kernels (one
+    ``dx`` pass in backward), else None (torch ops; HC and mHC-lite, whose coefficients are
+    torch ops, use the separate mixes)."""
     if resolve_backend(config, device) == "torch":
-        return ops
+        return _TORCH_OPS
     kernels = _kernels()
     return types.SimpleNamespace(
         mhc_coefficients=functools.partial(
@@ -73,4 +85,5 @@ def site_ops(config: MHCTransformerConfig, device: torch.device):
         ),
         mhc_pre=kernels.mhc_pre,
         mhc_post_res=kernels.mhc_post_res,
+        fused_site=kernels.site if config.mhc_variant == "mhc" else None,
     )

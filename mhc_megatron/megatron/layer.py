@@ -64,18 +64,18 @@ class MHCTransformerLayer(TransformerLayer):
         mix = site_ops(self.config, x.device)  # torch ops or fused kernels (--mhc-backend)
         block = self._stream_block(hidden_states, x, mix)
 
-        u, h_post, h_res, index = self._enter(block, self.self_attention_hyper_connection, x, mix)
+        u, h_post, h_res, handle = self._enter(block, self.self_attention_hyper_connection, x, mix)
         attention_out, context = self._forward_attention(u, **kwargs)
-        x = self._exit(block, mix, x, attention_out, h_post, h_res, index)
+        x = self._exit(block, mix, x, attention_out, h_post, h_res, handle)
 
-        u, h_post, h_res, index = self._enter(block, self.mlp_hyper_connection, x, mix)
+        u, h_post, h_res, handle = self._enter(block, self.mlp_hyper_connection, x, mix)
         mlp_out = self._forward_mlp(
             u,
             kwargs.get("inference_context"),
             padding_mask=kwargs.get("padding_mask"),
             packed_seq_params=kwargs.get("packed_seq_params"),
         )
-        x = self._exit(block, mix, x, mlp_out, h_post, h_res, index)
+        x = self._exit(block, mix, x, mlp_out, h_post, h_res, handle)
 
         output = make_viewless_tensor(x.flatten(-2), requires_grad=True, keep_graph=True)
         if block is not None:
@@ -94,21 +94,27 @@ class MHCTransformerLayer(TransformerLayer):
             return None
         block = getattr(hidden_states, BLOCK_ATTRIBUTE, None)
         if block is None or (layers and block.layers >= layers):
-            block = StreamBlock(x, mix.mhc_post_res)
+            block = StreamBlock(x, mix.mhc_post_res, mix.fused_site)
         block.layers += 1
         return block
 
     @staticmethod
     def _enter(block, site, x, mix):
-        """``(u [s, b, C], h_post, h_res, index)``: the site's coefficients and branch input."""
-        if block is None:
-            h_pre, h_post, h_res = site(x)
-            return mix.mhc_pre(x, h_pre), h_post, h_res, None
-        return enter_site(block, site, x, mix.mhc_pre)
+        """``(u [s, b, C], h_post, h_res, handle)``: the site's coefficients and branch input;
+        ``handle`` (what ``_exit`` needs besides) is the recompute block's site index, the fused
+        site's link, or None."""
+        if block is not None:
+            return enter_site(block, site, x, mix.mhc_pre)
+        if mix.fused_site is not None:
+            return site.fused_enter(x, mix.fused_site)
+        h_pre, h_post, h_res = site(x)
+        return mix.mhc_pre(x, h_pre), h_post, h_res, None
 
     @staticmethod
-    def _exit(block, mix, x, y, h_post, h_res, index):
+    def _exit(block, mix, x, y, h_post, h_res, handle):
         """``[s, b, n, C]`` new streams from the branch output ``y [s, b, C]``."""
-        if block is None:
-            return mix.mhc_post_res(x, y, h_post, h_res)
-        return exit_site(block, x, y, h_post, h_res, index)
+        if block is not None:
+            return exit_site(block, x, y, h_post, h_res, handle)
+        if mix.fused_site is not None:
+            return mix.fused_site.mhc_site_exit(x, y, h_post, h_res, handle)
+        return mix.mhc_post_res(x, y, h_post, h_res)

@@ -36,10 +36,14 @@ class StreamBlock:
     Args:
         x0: ``[s, b, n, C]`` the block's input streams.
         post_res: the ``mhc_post_res`` to rebuild with (torch ops or fused kernel).
+        fused_site: :mod:`mhc_megatron.kernels.site` to run the sites on (their backward is
+            called directly on the rebuilt streams, no forward re-run), or None (the ops are
+            re-run under autograd in backward).
     """
 
-    def __init__(self, x0: torch.Tensor, post_res):
-        self.post_res = post_res
+    def __init__(self, x0: torch.Tensor, post_res, fused_site=None):
+        self.post_res, self.fused_site = post_res, fused_site
+        self.links: dict[int, object] = {}  # fused sites: index -> SiteLink
         self.layers = 0
         self._mixes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._streams: dict[int, torch.Tensor] = {0: x0.detach()}
@@ -115,6 +119,73 @@ class _SiteExit(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+class _FusedSiteEnter(torch.autograd.Function):
+    """:class:`_SiteEnter` on the fused site kernels: saves the coefficients' small state (fp32,
+    ``O(n*n)`` a token), not the streams; backward calls the fused backward on the rebuilt
+    streams, with nothing re-run."""
+
+    @staticmethod
+    def forward(ctx, x, fn, base, scale, site, block, index):
+        fused, config = block.fused_site, site.config
+        lead, (n, c) = x.shape[:-2], x.shape[-2:]
+        x2 = x.reshape(-1, n * c).contiguous()
+        u, h_pre, h_post, h_res, mixes, inv_rms = fused.enter_forward(
+            x2, fn, base, scale, n, config.mhc_sinkhorn_iters, config.mhc_eps
+        )
+        site.observe(h_pre, h_post, h_res)
+        block.links[index] = fused.SiteLink()
+        ctx.save_for_backward(fn, base, scale, h_pre, h_res, mixes, inv_rms)
+        ctx.block, ctx.index, ctx.shape = block, index, x.shape
+        ctx.iters, ctx.eps = config.mhc_sinkhorn_iters, config.mhc_eps
+        return u.view(*lead, c), h_post.view(*lead, n), h_res.view(*lead, n, n)
+
+    @staticmethod
+    def backward(ctx, du, g_post, g_res):
+        block, n = ctx.block, ctx.shape[-2]
+        fn, base, scale, *saved = ctx.saved_tensors
+        x2 = block.streams(ctx.index).reshape(-1, ctx.shape[-2] * ctx.shape[-1])
+        t, dense = x2.shape[0], block.fused_site.dense_grad
+        dx, dfn, dbase, dscale = block.fused_site.enter_backward(
+            x2, fn, base, scale, saved, dense(du, (t, ctx.shape[-1]), x2.dtype, x2.device),
+            dense(g_post, (t, n), device=x2.device), dense(g_res, (t, n, n), device=x2.device),
+            block.links.pop(ctx.index).dout, n, ctx.iters, ctx.eps,
+        )  # fmt: skip
+        block.release(ctx.index)
+        return dx.view(ctx.shape), dfn, dbase, dscale, None, None, None
+
+
+class _FusedSiteExit(torch.autograd.Function):
+    """:class:`_SiteExit` on the fused site kernels: backward leaves ``dx`` to the enter's."""
+
+    @staticmethod
+    def forward(ctx, x, y, h_post, h_res, block, index):
+        ctx.save_for_backward(y, h_post, h_res)
+        ctx.block, ctx.index = block, index
+        return block.post_res(x, y, h_post, h_res)
+
+    @staticmethod
+    def backward(ctx, dout):
+        block = ctx.block
+        y, h_post, h_res = ctx.saved_tensors
+        x = block.streams(ctx.index)
+        t, n, c = x.numel() // (x.shape[-2] * x.shape[-1]), x.shape[-2], x.shape[-1]
+        dout3 = dout.contiguous().view(t, n, c)
+        dy, dh_post, dh_res = block.fused_site.exit_backward(
+            x.reshape(t, n, c), y.contiguous().view(t, c), h_post.contiguous().view(t, n),
+            h_res.contiguous().view(t, n, n), dout3,
+        )  # fmt: skip
+        block.links[ctx.index].dout = dout3.view(t, n * c)
+        block.release(ctx.index)
+        return (
+            None,
+            dy.view(y.shape),
+            dh_post.view(h_post.shape),
+            dh_res.view(h_res.shape),
+            None,
+            None,
+        )
+
+
 def enter_site(block: StreamBlock, site, x: torch.Tensor, pre):
     """``(u, h_post, h_res, index)`` for a site whose input streams the block can rebuild.
 
@@ -125,9 +196,14 @@ def enter_site(block: StreamBlock, site, x: torch.Tensor, pre):
         pre: the ``mhc_pre`` to use.
     """
     index = len(block._mixes)
-    u, h_post, h_res = _SiteEnter.apply(
-        x, site.fn, site.base, site.scale, site.coefficients, pre, block, index
-    )
+    if block.fused_site is not None:
+        u, h_post, h_res = _FusedSiteEnter.apply(
+            x, site.fn, site.base, site.scale, site, block, index
+        )
+    else:
+        u, h_post, h_res = _SiteEnter.apply(
+            x, site.fn, site.base, site.scale, site.coefficients, pre, block, index
+        )
     return u, h_post, h_res, index
 
 
@@ -135,6 +211,8 @@ def exit_site(block: StreamBlock, x, y, h_post, h_res, index: int) -> torch.Tens
     """``[s, b, n, C]`` new streams; records ``y`` and the coefficients in the block."""
     recorded = block.add_site(y, h_post, h_res)
     assert recorded == index, "sites of a block must be entered and left in order"
+    if block.fused_site is not None:
+        return _FusedSiteExit.apply(x, y, h_post, h_res, block, index)
     return _SiteExit.apply(x, y, h_post, h_res, block.post_res, block, index)
 
 

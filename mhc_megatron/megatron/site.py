@@ -133,6 +133,28 @@ class MHCSite(KeepFP32Module):
             coefficients = site_ops(self.config, x.device).mhc_coefficients(
                 x, fn, base, scale, iters=self.config.mhc_sinkhorn_iters, eps=self.config.mhc_eps
             )
-        RECORDER.offer(self.layer_index + 1, self.kind, *coefficients)  # no-op unless armed
-        NONFINITE_SITES.note(self.layer_index + 1, self.kind, *coefficients)  # off unless guarded
+        self.observe(*coefficients)
         return coefficients
+
+    def fused_enter(self, x: torch.Tensor, fused_site):
+        """Coefficients and branch input on the fused site kernels (variant mhc).
+
+        Args:
+            x: ``[s, b, n, C]`` streams.
+            fused_site: :mod:`mhc_megatron.kernels.site`.
+
+        Returns:
+            ``(u [s, b, C], h_post [s, b, n], h_res [s, b, n, n], link)``; ``link`` goes to
+            ``fused_site.mhc_site_exit``.
+        """
+        u, h_pre, h_post, h_res, link = fused_site.mhc_site_enter(
+            x, self.fn, self.base, self.scale, iters=self.config.mhc_sinkhorn_iters,
+            eps=self.config.mhc_eps, deterministic=self.config.deterministic_mode,
+        )  # fmt: skip
+        self.observe(h_pre, h_post, h_res)
+        return u, h_post, h_res, link
+
+    def observe(self, h_pre, h_post, h_res) -> None:
+        """Hands the coefficients to the diagnostics (no-ops unless armed or guarded)."""
+        RECORDER.offer(self.layer_index + 1, self.kind, h_pre, h_post, h_res)
+        NONFINITE_SITES.note(self.layer_index + 1, self.kind, h_pre, h_post, h_res)

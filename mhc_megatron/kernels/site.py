@@ -1,0 +1,192 @@
+"""One whole mHC site on the fused kernels, with a single ``dx`` pass in backward.
+
+A site is ``(u, h_post, h_res) = enter(x)`` (coefficients and pre-mix), the branch ``y = F(u)``,
+then ``x_next = exit(x, y, h_post, h_res)`` (post + residual mix). Built from the three separate
+ops, autograd gets three gradients for ``x`` (coefficients, pre-mix, residual mix), each a full
+``[T, n, C]`` tensor, and adds them in two more passes. Here the two halves share a
+:class:`SiteLink`:
+
+- ``exit``'s backward computes ``dy``, ``dh_post`` and ``dh_res`` (it reads ``dout``, ``x``,
+  ``y``), returns no gradient for ``x`` and leaves ``dout`` on the link;
+- ``enter``'s backward (it runs after, autograd's order: ``h_post`` and ``h_res`` feed ``exit``)
+  reduces ``dh_pre`` (reads ``x``, ``du``), back-propagates the coefficients, and writes the
+  site's whole ``dx = h_pre[j] du + sum_i h_res[i, j] dout[i] + (coefficient terms)`` in one
+  pass, accumulated in fp32 and rounded once.
+
+No atomics: every gradient is bitwise reproducible. The values match the separate ops (and so
+:mod:`mhc_megatron.ops`) up to the rounding of the three partial ``dx`` to x's dtype, which
+the fused pass skips.
+"""
+
+import math
+
+import torch
+
+from mhc_megatron.kernels import coefficients as _coef
+from mhc_megatron.kernels import post_res as _post_res
+from mhc_megatron.kernels import pre as _pre
+
+
+class SiteLink:
+    """Carries ``dout [T, n*C]`` from the exit's backward to the enter's; one per site call."""
+
+    __slots__ = ("dout",)
+
+    def __init__(self):
+        self.dout: torch.Tensor | None = None
+
+
+def enter_forward(x2, fn, base, scale, n, iters, eps):
+    """``(u [T, C], h_pre, h_post, h_res, mixes, inv_rms)`` of ``x2: [T, n*C]``."""
+    h_pre, h_post, h_res, mixes, inv_rms, u = _coef._forward(
+        x2, fn, base, scale, n, iters, eps, pre=True
+    )
+    return u, h_pre, h_post, h_res, mixes, inv_rms
+
+
+def enter_backward(x2, fn, base, scale, saved, du, g_post, g_res, dout, n, iters, eps):
+    """``(dx [T, n*C], dfn, dbase, dscale)``: the site's whole ``dx``.
+
+    Args:
+        x2: ``[T, n*C]`` the site's input streams.
+        fn, base, scale: the site's parameters.
+        saved: ``(h_pre [T, n], h_res [T, n, n], mixes [T, N], inv_rms [T])`` from
+            :func:`enter_forward`.
+        du: ``[T, C]`` gradient of the branch input.
+        g_post, g_res: ``[T, n]``, ``[T, n, n]`` gradients of ``h_post`` and ``h_res`` (from
+            :func:`exit_backward`).
+        dout: ``[T, n*C]`` gradient of the site's output, or None.
+    """
+    h_pre, h_res, mixes, inv_rms = saved
+    t = x2.shape[0]
+    _, g_pre = _pre.pre_backward(x2.view(t, n, -1), h_pre, du, write_dx=False)
+    return _coef._backward(
+        x2, fn, base, scale, mixes, inv_rms, g_pre, g_post, g_res, n, iters, eps,
+        site=(du, h_pre, h_res, dout),
+    )  # fmt: skip
+
+
+def exit_backward(x3, y2, h_post, h_res, dout3):
+    """``(dy [T, C], dh_post [T, n], dh_res [T, n, n])``; ``dx`` is left to the enter."""
+    _, dy, dh_post, dh_res = _post_res.post_res_backward(
+        x3, y2, h_post, h_res, dout3, write_dx=False
+    )
+    return dy, dh_post, dh_res
+
+
+def dense_grad(g, shape, dtype=torch.float32, device=None):
+    """A gradient as a contiguous tensor of ``shape`` (zeros for None; autograd may pass
+    expanded stride-0 gradients of sums)."""
+    if g is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return g.reshape(shape).contiguous()
+
+
+class MHCSiteEnterFunction(torch.autograd.Function):
+    """``x -> (u, h_pre, h_post, h_res)``; see :func:`mhc_site_enter`."""
+
+    @staticmethod
+    def forward(ctx, x, fn, base, scale, iters, eps, link):
+        lead, (n, c) = x.shape[:-2], x.shape[-2:]
+        t = math.prod(lead)
+        x2 = x.reshape(t, n * c).contiguous()
+        u, h_pre, h_post, h_res, mixes, inv_rms = enter_forward(x2, fn, base, scale, n, iters, eps)
+        ctx.save_for_backward(x2, fn, base, scale, h_pre, h_res, mixes, inv_rms)
+        ctx.shape, ctx.iters, ctx.eps, ctx.link = x.shape, iters, eps, link
+        outputs = (u.view(*lead, c), h_pre.view(*lead, n), h_post.view(*lead, n))
+        ctx.mark_non_differentiable(outputs[1])  # marks the returned view itself
+        return *outputs, h_res.view(*lead, n, n)
+
+    @staticmethod
+    def backward(ctx, du, _, g_post, g_res):
+        x2, fn, base, scale, h_pre, h_res, mixes, inv_rms = ctx.saved_tensors
+        (t, k), n = x2.shape, ctx.shape[-2]
+        dout, ctx.link.dout = ctx.link.dout, None  # released once used
+        dx, dfn, dbase, dscale = enter_backward(
+            x2, fn, base, scale, (h_pre, h_res, mixes, inv_rms),
+            dense_grad(du, (t, k // n), x2.dtype, x2.device),
+            dense_grad(g_post, (t, n), device=x2.device),
+            dense_grad(g_res, (t, n, n), device=x2.device),
+            dout, n, ctx.iters, ctx.eps,
+        )  # fmt: skip
+        return dx.view(ctx.shape), dfn, dbase, dscale, None, None, None
+
+
+class MHCSiteExitFunction(torch.autograd.Function):
+    """``(x, y, h_post, h_res) -> x_next``; see :func:`mhc_site_exit`."""
+
+    @staticmethod
+    def forward(ctx, x, y, h_post, h_res, link):
+        lead, (n, c) = x.shape[:-2], x.shape[-2:]
+        t = math.prod(lead)
+        x3, y2 = x.contiguous().view(t, n, c), y.contiguous().view(t, c)
+        hp, hr = h_post.contiguous().view(t, n), h_res.contiguous().view(t, n, n)
+        out = _post_res.post_res_forward(x3, y2, hp, hr)
+        ctx.save_for_backward(x3, y2, hp, hr)
+        ctx.link, ctx.shapes = link, (y.shape, h_post.shape, h_res.shape)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x3, y2, hp, hr = ctx.saved_tensors
+        dout3 = dout.contiguous().view(x3.shape)
+        dy, dh_post, dh_res = exit_backward(x3, y2, hp, hr, dout3)
+        ctx.link.dout = dout3.view(x3.shape[0], -1)
+        # No gradient for x here: the enter's backward writes all of it, this dout included.
+        y_shape, post_shape, res_shape = ctx.shapes
+        return None, dy.view(y_shape), dh_post.view(post_shape), dh_res.view(res_shape), None
+
+
+def mhc_site_enter(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    iters: int = 20,
+    eps: float = 1e-6,
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, SiteLink]:
+    """Coefficients and branch input of one site; pair with :func:`mhc_site_exit`.
+
+    Same values as ``ops.mhc_coefficients`` followed by ``ops.mhc_pre``.
+
+    Args:
+        x: ``[..., n, C]`` streams (bf16, fp16 or fp32), ``n <= 8``.
+        fn, base, scale: the site's fp32 parameters, as in ``kernels.mhc_coefficients``.
+        iters, eps: Sinkhorn iterations and eps.
+        deterministic: accepted for ``--deterministic-mode``; no atomics are used.
+
+    Returns:
+        ``(u [..., C] in x's dtype, h_pre [..., n], h_post [..., n], h_res [..., n, n], link)``,
+        coefficients fp32. ``h_pre`` is for inspection (diagnostics): it carries no gradient,
+        its effect reaches the parameters through ``u``. Pass ``link`` to the site's
+        :func:`mhc_site_exit`, with the same ``x``.
+
+    Raises:
+        ValueError: as ``kernels.mhc_coefficients``.
+    """
+    del deterministic
+    _coef._check(x, fn, base, scale, iters)
+    link = SiteLink()
+    u, h_pre, h_post, h_res = MHCSiteEnterFunction.apply(
+        x, fn.contiguous(), base.contiguous(), scale.contiguous(), int(iters), float(eps), link
+    )
+    return u, h_pre, h_post, h_res, link
+
+
+def mhc_site_exit(
+    x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, link: SiteLink
+) -> torch.Tensor:
+    """New streams ``x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] y``, as ``ops.mhc_post_res``.
+
+    Args:
+        x: ``[..., n, C]``, the same streams given to :func:`mhc_site_enter`.
+        y: ``[..., C]`` branch output.
+        h_post, h_res: from :func:`mhc_site_enter`.
+        link: from :func:`mhc_site_enter`.
+
+    Returns:
+        ``[..., n, C]`` in x's dtype. Its gradient for ``x`` reaches ``x`` through the enter.
+    """
+    _post_res._check_inputs(x, y, h_post, h_res)
+    return MHCSiteExitFunction.apply(x, y, h_post, h_res, link)
