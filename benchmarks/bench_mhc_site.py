@@ -129,9 +129,17 @@ def load_impl(name: str, device: torch.device) -> Impl | None:
     reason, where it cannot run."""
     if name == "eager":
         return from_ops(eager_ops.mhc_coefficients, eager_ops.mhc_pre, eager_ops.mhc_post_res)
-    if name == "ours":  # imported lazily: the kernels may not exist yet
+    if name == "ours":  # imported lazily: TRITON_INTERPRET is read when kernels are defined
         mods = [importlib.import_module(f"mhc_megatron.kernels.{m}") for m in KERNEL_MODULES]
-        return from_ops(mods[0].mhc_coefficients, mods[1].mhc_pre, mods[2].mhc_post_res)
+        impl = from_ops(mods[0].mhc_coefficients, mods[1].mhc_pre, mods[2].mhc_post_res)
+        fused = importlib.import_module("mhc_megatron.kernels.site")
+
+        def site(x, fn, base, scale):  # what the mHC layer runs: one dx pass in backward
+            u, _, h_post, h_res, link = fused.mhc_site_enter(x, fn, base, scale, ITERS, EPS)
+            return fused.mhc_site_exit(x, u, h_post, h_res, link)
+
+        impl.site = site
+        return impl
     if name == "compile":  # each op and the whole site compiled on their own, mode default
         e = load_impl("eager", device)
         return Impl(*(torch.compile(f, dynamic=False) for f in vars(e).values()))

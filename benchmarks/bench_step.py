@@ -224,7 +224,9 @@ def time_site(ops, args, device: torch.device, timer: Timer) -> dict:
     """One mHC site forward + backward on the model's streams ``x [s, b, n, C]`` bf16.
 
     coefficients -> pre -> (branch = identity) -> post_res, then backward from a fixed
-    ``grad [s, b, n, C]``; ``x`` collects its gradient from all three ops, as in the layer.
+    ``grad [s, b, n, C]``, the way the layer runs it: with the fused kernels, the fused site
+    (``mhc_site_enter`` / ``mhc_site_exit``, one ``dx`` pass); with the torch ops, ``x``
+    collects its gradient from all three.
     """
     s, b, n, C = args.seq, args.batch, args.streams, args.hidden
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -239,8 +241,14 @@ def time_site(ops, args, device: torch.device, timer: Timer) -> dict:
     def rep():
         for t in leaves:
             t.grad = None
-        h_pre, h_post, h_res = ops.mhc_coefficients(x, fn, base, scale, SINKHORN_ITERS, EPS)
-        out = ops.mhc_post_res(x, ops.mhc_pre(x, h_pre), h_post, h_res)
+        if getattr(ops, "site", None) is not None:
+            u, _, h_post, h_res, link = ops.site.mhc_site_enter(
+                x, fn, base, scale, SINKHORN_ITERS, EPS
+            )
+            out = ops.site.mhc_site_exit(x, u, h_post, h_res, link)
+        else:
+            h_pre, h_post, h_res = ops.mhc_coefficients(x, fn, base, scale, SINKHORN_ITERS, EPS)
+            out = ops.mhc_post_res(x, ops.mhc_pre(x, h_pre), h_post, h_res)
         torch.autograd.backward(out, grad)
 
     warmup = 10 if device.type == "cuda" else 0
@@ -254,13 +262,9 @@ def load_site_ops(kind: str):
         from mhc_megatron import ops
 
         return ops
-    from mhc_megatron.kernels.coefficients import mhc_coefficients
-    from mhc_megatron.kernels.post_res import mhc_post_res
-    from mhc_megatron.kernels.pre import mhc_pre
+    from mhc_megatron.kernels import site
 
-    return argparse.Namespace(
-        mhc_coefficients=mhc_coefficients, mhc_pre=mhc_pre, mhc_post_res=mhc_post_res
-    )
+    return argparse.Namespace(site=site)
 
 
 def summarize(result: dict, args) -> None:

@@ -1,0 +1,41 @@
+"""``benchmarks/device_check.sh --dry-run``: the prepared GPU check, end to end on the CPU.
+
+The same script the GPU machine runs, on tiny shapes without timing: every stage must pass and
+the summary must hold what a closing note quotes (the site's ratios and correctness, the step
+configs, both training runs' losses).
+"""
+
+import json
+import os
+import subprocess
+
+from tests.launching import REPO_ROOT
+
+
+def test_dry_run_passes_every_stage(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OUT": str(tmp_path)}
+    proc = subprocess.run(
+        ["benchmarks/device_check.sh", "--dry-run"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "device_check.json").read_text())
+    assert summary["dry_run"] is True
+    stages = {s["stage"]: s["rc"] for s in summary["stages"]}
+    assert stages == dict.fromkeys(
+        ("kernel_tests", "mhc_site", "step", "pretrain_mhc", "pretrain_residual"), 0
+    )
+    (site,) = summary["mhc_site"]
+    # The fused kernels ran (in the interpreter) and matched eager; Liger is CUDA-only.
+    assert site["worst_rel"]["ours"] < 5e-2 and "ours/eager" in site["site_fwd_bwd"]
+    assert summary["step"]["configs"]["mhc_triton"]["available"] is True
+    for variant in ("mhc", "residual"):
+        run = summary["pretrain"][variant]
+        assert run["steps"] == 2 and all(0 < loss < 20 for loss in run["losses"]), run
+
+
+def test_unknown_argument_is_refused():
+    proc = subprocess.run(
+        ["benchmarks/device_check.sh", "--dryrun"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "unknown argument '--dryrun'" in proc.stderr
