@@ -13,7 +13,8 @@ What runs (``x [T, n, C]`` bf16 streams, fp32 parameters, 20 Sinkhorn iterations
   ``d x_next``. Once per implementation: ``separate`` (the three fused ops one after another:
   ``mhc_coefficients``, ``mhc_pre``, ``mhc_post_res``), ``fused`` (``mhc_site_enter`` and
   ``mhc_site_exit``, what the mHC layer runs), ``recompute`` (the layer's stream-recompute
-  path, which keeps no streams and rebuilds them in backward).
+  path on the fused site, which keeps no streams and rebuilds them in backward: two sites of
+  one block, per site, since the first reads the block's kept input).
 - ``layer``: two fused sites in a row (attention and MLP positions), per site.
 
     python benchmarks/bench_traffic.py                       # n = 4 and 8, C = 2560
@@ -67,7 +68,7 @@ def _site_params(n: int, C: int, gen: torch.Generator) -> dict:
     }
 
 
-def _run_separate(x, p):
+def _run_separate(x, p, state):
     from mhc_megatron import kernels
 
     h_pre, h_post, h_res = kernels.mhc_coefficients(x, p["fn"], p["base"], p["scale"], ITERS, EPS)
@@ -75,7 +76,7 @@ def _run_separate(x, p):
     return kernels.mhc_post_res(x, y, h_post, h_res)
 
 
-def _run_fused(x, p):
+def _run_fused(x, p, state):
     from mhc_megatron import kernels
 
     u, _, h_post, h_res, link = kernels.mhc_site_enter(
@@ -84,14 +85,16 @@ def _run_fused(x, p):
     return kernels.mhc_site_exit(x, _Branch.apply(u), h_post, h_res, link)
 
 
-def _run_recompute(x, p):
+def _run_recompute(x, p, state):
     from mhc_megatron import kernels
     from mhc_megatron.kernels import site as fused_site
     from mhc_megatron.megatron.recompute import StreamBlock, enter_site, exit_site
 
     config = types.SimpleNamespace(mhc_sinkhorn_iters=ITERS, mhc_eps=EPS)
     site = types.SimpleNamespace(**p, config=config, observe=lambda *coefficients: None)
-    block = StreamBlock(x, kernels.mhc_post_res, fused_site)
+    if "block" not in state:  # the sites of one measurement share a block, as a layer's do
+        state["block"] = StreamBlock(x, kernels.mhc_post_res, fused_site)
+    block = state["block"]
     u, h_post, h_res, index = enter_site(block, site, x, kernels.mhc_pre)
     return exit_site(block, x, _Branch.apply(u), h_post, h_res, index)
 
@@ -108,9 +111,9 @@ def measure(impl: str, n: int, C: int, T: int, sites: int = 1) -> list:
     with TrafficMeter() as meter:
         _Branch.meter = meter
         with meter.phase("fwd"):
-            out = x
+            out, state = x, {}
             for p in params:
-                out = RUNS[impl](out, p)
+                out = RUNS[impl](out, p, state)
         with meter.phase("bwd"):
             torch.autograd.backward(out, grad)
     return meter.records
@@ -165,9 +168,11 @@ def totals(rows: list[dict], n: int, sites: int) -> dict:
 def bench(n: int, C: int, tokens: tuple[int, int], impls, layer: bool = True) -> dict:
     result = {"n": n, "C": C, "tokens": list(tokens), "site": {}}
     for impl in impls:
-        small, large = (measure(impl, n, C, t) for t in tokens)
+        # A recompute block's first site reads its kept input; the second's is rebuilt.
+        sites = 2 if impl == "recompute" else 1
+        small, large = (measure(impl, n, C, t, sites) for t in tokens)
         rows = split_by_tokens(small, large, *tokens, C)
-        result["site"][impl] = {"totals": totals(rows, n, 1), "records": rows}
+        result["site"][impl] = {"sites": sites, "totals": totals(rows, n, sites), "records": rows}
     if layer:
         small, large = (measure("fused", n, C, t, sites=2) for t in tokens)
         rows = split_by_tokens(small, large, *tokens, C)

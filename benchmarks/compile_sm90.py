@@ -33,7 +33,8 @@ if str(REPO) not in sys.path:
 H100_SMS = 132
 # Shared memory a block may use on sm_90 (227 KiB; cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SM90_MAX_SHARED = 232448
-STREAMS, HIDDEN, TOKENS = (2, 4, 8), (1280, 2560, 4096, 7168), (4096, 32768)
+STREAMS, HIDDEN, TOKENS = (2, 4, 8), (1280, 2560, 4096, 7168), (4096, 16384, 32768)
+VARIANT_FLAGS = ("PRE", "SITE", "HAS_DOUT", "WRITE_DX")  # constexprs that select a code path
 
 
 class _HopperDriver:
@@ -162,8 +163,9 @@ def check(streams=STREAMS, hidden=HIDDEN, tokens=TOKENS) -> list[dict]:
                 for name, kernel in compiled:
                     key = kernel.hash
                     if key not in seen:
+                        params = kernel.src.fn.arg_names  # constants are keyed by (position,)
                         seen[key] = {"kernel": name, "constants": {
-                            str(k): v for k, v in kernel.src.constants.items()
+                            params[k[0]]: v for k, v in kernel.src.constants.items()
                             if isinstance(v, (int, float, str, bool))
                         }, "shapes": [], **ptxas_report(kernel)}  # fmt: skip
                         rows.append(seen[key])
@@ -179,12 +181,15 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     rows = check(args.streams, args.hidden, args.tokens)
-    head = ("kernel", "warps", "regs", "spill", "shared", "mma")
-    print("{:24s} {:>5s} {:>5s} {:>6s} {:>7s} {:>9s}  shapes".format(*head))
+    head = ("kernel", "variant", "n", "warps", "regs", "spill", "shared", "mma")
+    print("{:22s} {:14s} {:>2s} {:>5s} {:>5s} {:>6s} {:>7s} {:>9s}  shapes".format(*head))
     for r in rows:
         spill = r["spill_stores"] + r["spill_loads"]
-        print(f"{r['kernel']:24s} {r['num_warps']:5d} {r['registers']:5d} {spill:6d} "
-              f"{r['shared']:7d} {r['mma']:>9s}  {len(r['shapes'])}")  # fmt: skip
+        flags = {k: v for k, v in r["constants"].items() if k in VARIANT_FLAGS and v is True}
+        variant = ",".join(flags) or "-"
+        print(f"{r['kernel']:22s} {variant:14s} {r['shapes'][0][0]:2d} {r['num_warps']:5d} "
+              f"{r['registers']:5d} {spill:6d} {r['shared']:7d} {r['mma']:>9s}  "
+              f"{len(r['shapes'])}")  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
