@@ -87,9 +87,10 @@ TRAIN=(
 )
 if [[ $DRY_RUN == 1 ]]; then
   KERNEL_TESTS=(--collect-only)  # collected, not run: the interpreter would take minutes
-  SITE_ARGS=(--device cpu --impls ours,eager,liger,residual --iters 1 --warmup 0
-    --out "$OUT/mhc_site.json")
-  STEP_ARGS=(--device cpu --iters 1 --warmup 0 --site-iters 1 --out "$OUT/step.json")
+  SITE_ARGS=(--device cpu --impls ours,eager,liger,residual --hidden 16 --tokens 32 --iters 1
+    --warmup 0 --out "$OUT/mhc_site.json")
+  STEP_ARGS=(--device cpu --configs residual,mhc_triton --iters 1 --warmup 0 --site-iters 1
+    --out "$OUT/step.json")
   TRAIN+=(--cpu --num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 128
     --num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 64 --seq-length 64
     --max-position-embeddings 64 --micro-batch-size 2 --global-batch-size 2 --train-iters 2
