@@ -115,6 +115,30 @@ def launch_everything(n: int, C: int, T: int) -> None:
     post_res.post_res_backward(x3, y, h_post, h_res, dout3)
 
 
+_MMA_LAYOUT = re.compile(
+    r"^#(mma\d*) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[(\d+), (\d+)\], "
+    r"instrShape = \[(\d+), (\d+)",
+    re.MULTILINE,
+)
+_DOT_RESULT = re.compile(r"dot .*-> tensor<(\d+)x(\d+)xf32, #(mma\d*)>")
+
+
+def mma_tiles(ttgir: str) -> list[dict]:
+    """Each MMA of a kernel: its accumulator ``[M, N]``, the warps along M and N, and whether
+    the warps cover more than the tile (then some of them repeat others' work)."""
+    layouts = {m[0]: tuple(map(int, m[1:])) for m in _MMA_LAYOUT.findall(ttgir)}
+    tiles = []
+    for m, n, name in _DOT_RESULT.findall(ttgir):
+        version, warps_m, warps_n, instr_m, instr_n = layouts[name]
+        m, n = int(m), int(n)
+        tiles.append({
+            "mma": "wgmma" if version == 3 else "mma.sync", "tile": [m, n],
+            "warps": [warps_m, warps_n],
+            "repeats": warps_m * instr_m > m or warps_n * instr_n > n,
+        })  # fmt: skip
+    return tiles
+
+
 def ptxas_report(kernel) -> dict:
     """Registers, spill bytes and shared memory of one compiled kernel (ptxas -v on its PTX)."""
     from triton import knobs
@@ -148,6 +172,7 @@ def ptxas_report(kernel) -> dict:
         "shared": int(kernel.metadata.shared),  # Triton's dynamic shared memory
         "num_warps": int(kernel.metadata.num_warps),
         "mma": mma,
+        "mma_tiles": mma_tiles(kernel.asm["ttgir"]),
     }
 
 
@@ -181,15 +206,15 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     rows = check(args.streams, args.hidden, args.tokens)
-    head = ("kernel", "variant", "n", "warps", "regs", "spill", "shared", "mma")
-    print("{:22s} {:14s} {:>2s} {:>5s} {:>5s} {:>6s} {:>7s} {:>9s}  shapes".format(*head))
+    head = ("kernel", "variant", "n", "warps", "regs", "spill", "shared", "mma", "repeats")
+    print("{:22s} {:14s} {:>2s} {:>5s} {:>5s} {:>6s} {:>7s} {:>9s} {:>7s}  shapes".format(*head))
     for r in rows:
         spill = r["spill_stores"] + r["spill_loads"]
         flags = {k: v for k, v in r["constants"].items() if k in VARIANT_FLAGS and v is True}
         variant = ",".join(flags) or "-"
         print(f"{r['kernel']:22s} {variant:14s} {r['shapes'][0][0]:2d} {r['num_warps']:5d} "
-              f"{r['registers']:5d} {spill:6d} {r['shared']:7d} {r['mma']:>9s}  "
-              f"{len(r['shapes'])}")  # fmt: skip
+              f"{r['registers']:5d} {spill:6d} {r['shared']:7d} {r['mma']:>9s} "
+              f"{sum(t['repeats'] for t in r['mma_tiles']):7d}  {len(r['shapes'])}")  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(

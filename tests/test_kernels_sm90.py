@@ -57,3 +57,10 @@ def test_no_spills_and_shared_memory_within_the_limit(report):
 def test_coefficient_forward_takes_the_wgmma_path(report):
     forward = [row for row in report["kernels"] if row["kernel"] == "_fwd_kernel"]
     assert forward and all(row["mma"] == "wgmma" for row in forward), forward
+
+
+def test_no_warp_repeats_another_warps_mma_work(report):
+    """Each MMA's warps cover its accumulator tile exactly once (warps x instruction shape <=
+    tile, along M and N): more warps than the tile needs would compute the same values twice."""
+    tiles = [(row["kernel"], t) for row in report["kernels"] for t in row["mma_tiles"]]
+    assert tiles and not [(k, t) for k, t in tiles if t["repeats"]]

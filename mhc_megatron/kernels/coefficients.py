@@ -398,7 +398,7 @@ def _forward(x2, fn, base, scale, n, iters, eps, pre=False):
     _fwd_kernel[(triton.cdiv(t, bt),)](
         x2, fn, base, scale, h_pre, h_post, h_res, mixes, inv_rms, x2 if u is None else u, t, k,
         iters, eps, n=n, W2=w2, P=p, BT=bt, BK=64, MODE=mode, PRE=pre,
-        num_warps=4 if p <= 4 else 8, num_stages=3,
+        num_warps=4, num_stages=3,  # one warpgroup: 8 warps would repeat the 64-row MMAs
     )  # fmt: skip
     return (h_pre, h_post, h_res, mixes, inv_rms) + ((u,) if pre else ())
 
@@ -447,7 +447,7 @@ def _backward(x2, fn, base, scale, mixes, inv_rms, g_pre, g_post, g_res, n, iter
         x2, fn, dm, rms_coef, dx, part_fn, du, h_pre, h_res, x2 if dout is None else dout, t, c,
         per_split, n=n, W2=w2, P=p, BT=bt, BK=bk, MODE_DX="tf32x3",
         MODE_DFN="split_a" if exact else "tf32x3", SITE=site is not None,
-        HAS_DOUT=dout is not None, num_warps=4 if p <= 4 else 8, num_stages=3,
+        HAS_DOUT=dout is not None, num_warps=4, num_stages=3,  # 8 repeat MMA work at n = 8
     )  # fmt: skip
     # One split (few tokens or many column blocks) is already the sum: no reduction launch.
     return dx, part_fn[0] if splits == 1 else part_fn.sum(0), dbase, dscale
