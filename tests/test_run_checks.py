@@ -176,3 +176,23 @@ def test_batch_token_ids_outside_the_vocabulary_are_refused():
         with pytest.raises(RunCheckError, match=rf"a training batch \('{key}'\) holds token id "
                            rf"{bad}, outside the 257 ids"):  # fmt: skip
             run_checks.check_batch_token_ids(batch, 257, "NullTokenizer")
+
+
+def test_learning_rate_schedules_megatron_would_assert_on_are_refused():
+    def schedule(**overrides):
+        settings = dict(lr=3e-4, min_lr=3e-5, train_iters=20, lr_decay_iters=None,
+                        lr_warmup_iters=2, lr_warmup_fraction=None, train_samples=None)  # fmt: skip
+        return argparse.Namespace(**(settings | overrides))
+
+    run_checks.check_schedule(schedule())  # a warmup of 2 out of 20 iterations is fine
+    run_checks.check_schedule(schedule(train_iters=None, train_samples=100, lr_decay_samples=None,
+                                       lr_warmup_samples=10))  # fmt: skip
+    cases = [
+        (dict(lr_warmup_iters=20), r"warmup \(20 iterations, --lr-warmup-iters\).*\(20 iter"),
+        (dict(lr_warmup_fraction=1.0), r"--lr-warmup-fraction"),
+        (dict(lr_decay_iters=2), r"\(2 iterations, --lr-decay-iters"),
+        (dict(min_lr=1e-3), r"--min-lr 0.001 is above --lr 0.0003"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(RunCheckError, match=message):
+            run_checks.check_schedule(schedule(**overrides))

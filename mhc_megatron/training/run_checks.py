@@ -638,6 +638,39 @@ def _global_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
+def check_schedule(args) -> None:
+    """The learning-rate schedule Megatron's OptimizerParamScheduler accepts, checked first:
+    there its violations are bare AssertionErrors.
+
+    Raises:
+        RunCheckError: ``--min-lr`` above ``--lr``, or a warmup that does not end before the
+            decay (both in iterations, or both in samples).
+    """
+    lr, min_lr = getattr(args, "lr", None), getattr(args, "min_lr", 0.0) or 0.0
+    if lr is not None and min_lr > lr:
+        raise RunCheckError(f"--min-lr {min_lr:g} is above --lr {lr:g}: lower --min-lr")
+    if getattr(args, "train_iters", None):
+        unit, total = "iterations", args.train_iters
+        decay, decay_flag = args.lr_decay_iters or total, "--lr-decay-iters"
+        warmup_flag = "--lr-warmup-iters"
+        warmup = args.lr_warmup_iters
+    elif getattr(args, "train_samples", None):
+        unit, total = "samples", args.train_samples
+        decay, decay_flag = args.lr_decay_samples or total, "--lr-decay-samples"
+        warmup_flag = "--lr-warmup-samples"
+        warmup = args.lr_warmup_samples
+    else:
+        return  # Megatron's own message covers neither being set
+    if args.lr_warmup_fraction is not None:
+        warmup, warmup_flag = args.lr_warmup_fraction * decay, "--lr-warmup-fraction"
+    if decay <= 0 or warmup >= decay:
+        raise RunCheckError(
+            f"the learning-rate warmup ({warmup:g} {unit}, {warmup_flag}) must end before the "
+            f"decay does ({decay:g} {unit}, {decay_flag} or the run's length): lower "
+            f"{warmup_flag} or lengthen the run"
+        )
+
+
 def check_run(args, vocab_size: int | None) -> list[str]:
     """Every check before ``pretrain()``; adopts the checkpoint's padded vocabulary.
 
@@ -653,6 +686,7 @@ def check_run(args, vocab_size: int | None) -> list[str]:
     """
     global _RUN_LOCK
     notes = []
+    check_schedule(args)
     info = inspect_load_dir(args.load, args.save, getattr(args, "ckpt_step", None))
     if info is not None:
         verify_shards(info)
