@@ -9,11 +9,13 @@
 # Stages, each under its own time limit, each recorded even when another fails:
 #   kernel_tests  the kernel tests on CUDA (tf32 MMAs, approximate math, the wgmma tiles)
 #   mhc_site      benchmarks/bench_mhc_site.py at C = 2560 and 7168, T = 16384: ours against
-#                 eager, torch.compile, Liger-Kernel, the residual add and the memory floor
+#                 eager, Liger-Kernel, the residual add and the memory floor
+#   mhc_site_compile  the same at C = 2560 against torch.compile
 #   step          benchmarks/bench_step.py at the 27B layer shape
 #   pretrain_*    20 bf16 steps of pretrain_mhc.py on one GPU, mHC and the residual baseline
-# Everything lands in $OUT (default out/device_check): one log and one JSON per stage, and
-# device_check.json, the summary with the ratios (benchmarks/device_summary.py).
+# Everything lands in $OUT (default out/device_check), seven files (the device tool brings back
+# eight at most): device_check.json, the summary with the ratios (benchmarks/device_summary.py);
+# each benchmark's JSON; environment.json; stages.jsonl; logs.tar.gz, every stage's log.
 #
 # The GPU machine has torch and Triton (other versions than ours) but no megatron-core or
 # liger-kernel: they are installed from the wheels in $WHEELS (default .whl, about 3 MiB;
@@ -43,7 +45,8 @@ if [[ $DRY_RUN == 1 ]]; then
 else
   PYTHON="${PYTHON:-python3}"
 fi
-mkdir -p "$OUT"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 STAGES="$OUT/stages.jsonl"
 : >"$STAGES"
@@ -61,13 +64,13 @@ if ! "$PYTHON" -c "import megatron.core, liger_kernel" 2>/dev/null; then
   fi
 fi
 
-# stage NAME SECONDS COMMAND...: runs COMMAND with its output in $OUT/NAME.log.
+# stage NAME SECONDS COMMAND...: runs COMMAND with its output in $LOGS/NAME.log.
 stage() {
   local name="$1" limit="$2"
   shift 2
   local start=$SECONDS
   echo "== $name (limit ${limit}s): $*"
-  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   echo "   rc=$rc in $((SECONDS - start))s"
   printf '{"stage": "%s", "rc": %d, "seconds": %d}\n' "$name" "$rc" "$((SECONDS - start))" >>"$STAGES"
@@ -95,16 +98,24 @@ if [[ $DRY_RUN == 1 ]]; then
     --num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 64 --seq-length 64
     --max-position-embeddings 64 --micro-batch-size 2 --global-batch-size 2 --train-iters 2
     --vocab-size 257 --mhc-backend torch)
-  LIMIT=600
+  COMPILE_ARGS=(--device cpu --impls ours,residual --hidden 16 --tokens 32 --iters 1 --warmup 0
+    --out "$OUT/mhc_site_compile.json")  # torch.compile on CPU would take minutes: ours stands in
+  LIMITS=(600 600 600 600 600)  # kernel tests, site, site with torch.compile, step, each run
 else
   KERNEL_TESTS=()
-  SITE_ARGS=(--hidden 2560 7168 --tokens 16384 --out "$OUT/mhc_site.json")
+  SITE_ARGS=(--hidden 2560 7168 --tokens 16384 --impls ours,eager,liger,residual --iters 20
+    --warmup 5 --out "$OUT/mhc_site.json")
+  # torch.compile compiles each op and the site per shape: its own stage, so that a slow compile
+  # cannot cost the other numbers.
+  COMPILE_ARGS=(--hidden 2560 --tokens 16384 --impls ours,compile,residual --iters 20 --warmup 5
+    --out "$OUT/mhc_site_compile.json")
   STEP_ARGS=(--out "$OUT/step.json")
   TRAIN+=(--bf16 --num-layers 8 --hidden-size 2048 --num-attention-heads 16
     --ffn-hidden-size 5632 --num-experts 16 --moe-router-topk 4 --moe-ffn-hidden-size 1024
     --seq-length 4096 --max-position-embeddings 4096 --micro-batch-size 1
     --global-batch-size 2 --train-iters 20 --vocab-size 32000 --mhc-backend triton)
-  LIMIT=150
+  # 110 + 80 + 80 + 90 + 2 * 55 = 470 s at most: the whole check fits in 8 minutes.
+  LIMITS=(110 80 80 90 55)
 fi
 
 "$PYTHON" - >"$OUT/environment.json" 2>&1 <<'EOF'
@@ -117,15 +128,19 @@ if torch.cuda.is_available():
 print(json.dumps(info))
 EOF
 
-stage kernel_tests "$LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" \
+stage kernel_tests "${LIMITS[0]}" "$PYTHON" -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" \
   tests/test_kernels_mix.py tests/test_kernels_coefficients.py tests/test_kernels_site.py
-stage mhc_site "$LIMIT" "$PYTHON" benchmarks/bench_mhc_site.py "${SITE_ARGS[@]}"
-stage step "$LIMIT" "$PYTHON" benchmarks/bench_step.py "${STEP_ARGS[@]}"
+stage mhc_site "${LIMITS[1]}" "$PYTHON" benchmarks/bench_mhc_site.py "${SITE_ARGS[@]}"
+stage mhc_site_compile "${LIMITS[2]}" "$PYTHON" benchmarks/bench_mhc_site.py "${COMPILE_ARGS[@]}"
+stage step "${LIMITS[3]}" "$PYTHON" benchmarks/bench_step.py "${STEP_ARGS[@]}"
 for variant in mhc residual; do
   PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-  stage "pretrain_$variant" "$LIMIT" "$PYTHON" -m torch.distributed.run --nproc-per-node 1 \
+  stage "pretrain_$variant" "${LIMITS[4]}" "$PYTHON" -m torch.distributed.run --nproc-per-node 1 \
     --master-addr 127.0.0.1 --master-port "$PORT" pretrain_mhc.py "${TRAIN[@]}" \
     --mhc-variant "$variant"
 done
 
 "$PYTHON" benchmarks/device_summary.py "$OUT" --dry-run "$DRY_RUN"
+status=$?
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
+exit $status

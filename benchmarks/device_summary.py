@@ -1,10 +1,11 @@
 """Summary of one ``benchmarks/device_check.sh`` run: ``$OUT/device_check.json``.
 
 Reads what the stages left in the output folder (``stages.jsonl``, ``environment.json``,
-``mhc_site.json``, ``step.json``, ``pretrain_*.log``) and keeps the numbers a closing note
-quotes: per stage its exit status and seconds; the site's time over the memory floor and over
-eager / torch.compile / Liger, with the correctness check; the step ratios and mHC's share of a
-40%-MFU step; the training runs' losses and median time per step, mHC over residual.
+``mhc_site.json``, ``mhc_site_compile.json``, ``step.json``, ``logs/pretrain_*.log``) and keeps
+the numbers a closing note quotes: per stage its exit status and seconds; the site's time over
+the memory floor and over eager / torch.compile / Liger, with the correctness check; the step
+ratios and mHC's share of a 40%-MFU step; the training runs' losses and median time per step,
+mHC over residual.
 
     python benchmarks/device_summary.py out/device_check [--dry-run 1]
 
@@ -76,12 +77,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = args.out
     stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
-    training = {v: training_summary(out / f"pretrain_{v}.log") for v in ("mhc", "residual")}
+    training = {
+        v: training_summary(out / "logs" / f"pretrain_{v}.log") for v in ("mhc", "residual")
+    }
     summary = {
         "dry_run": bool(args.dry_run),
         "environment": _json(out / "environment.json"),
         "stages": stages,
         "mhc_site": site_summary(_json(out / "mhc_site.json")),
+        "mhc_site_compile": site_summary(_json(out / "mhc_site_compile.json")),
         "step": step_summary(_json(out / "step.json")),
         "pretrain": training,
     }

@@ -20,10 +20,23 @@ def test_dry_run_passes_every_stage(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "device_check.json").read_text())
+    # At most 8 files come back from the device machine.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "device_check.json", "environment.json", "logs.tar.gz", "mhc_site.json",
+        "mhc_site_compile.json", "stages.jsonl", "step.json",
+    ]  # fmt: skip
     assert summary["dry_run"] is True
     stages = {s["stage"]: s["rc"] for s in summary["stages"]}
     assert stages == dict.fromkeys(
-        ("kernel_tests", "mhc_site", "step", "pretrain_mhc", "pretrain_residual"), 0
+        (
+            "kernel_tests",
+            "mhc_site",
+            "mhc_site_compile",
+            "step",
+            "pretrain_mhc",
+            "pretrain_residual",
+        ),
+        0,
     )
     (site,) = summary["mhc_site"]
     # The fused kernels ran (in the interpreter) and matched eager; Liger is CUDA-only.
