@@ -104,9 +104,10 @@ def launch_everything(n: int, C: int, T: int) -> None:
     # The fused site, as the mHC layer runs it.
     site.enter_forward(x2, fn, base, scale, n, 20, 1e-6)
     post_res.post_res_forward(x3, y, h_post, h_res)
-    site.exit_backward(x3, y, h_post, h_res, dout3)
+    link = site.SiteLink()
+    site.exit_backward(x3, y, h_post, h_res, dout3, link)
     saved = (h_pre, h_res, mixes, inv_rms)
-    site.enter_backward(x2, fn, base, scale, saved, du, h_post, h_res, dout2, n, 20, 1e-6)
+    site.enter_backward(x3, fn, base, scale, saved, du, h_post, h_res, link, 20, 1e-6)
     # The separate ops (HC, mHC-lite, and the stream recompute's rebuild).
     coefficients._forward(x2, fn, base, scale, n, 20, 1e-6)
     coefficients._backward(x2, fn, base, scale, mixes, inv_rms, h_pre, h_post, h_res, n, 20, 1e-6)

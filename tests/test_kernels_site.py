@@ -124,3 +124,13 @@ def test_rejects_unsupported_inputs():
     u, _, h_post, h_res, link = kernels.mhc_site_enter(x, fn, base, scale)
     with pytest.raises(ValueError, match="y must have shape"):
         kernels.mhc_site_exit(x, u[:2], h_post, h_res, link)
+
+
+def test_no_tokens():
+    """An empty micro-batch shard (T = 0): shapes hold and every gradient is zero."""
+    x = torch.zeros(0, 4, 16, device=DEVICE, requires_grad=True)
+    fn = torch.randn(24, 64, device=DEVICE, requires_grad=True)
+    base, scale = torch.zeros(24, device=DEVICE), torch.ones(3, device=DEVICE)
+    u, _, h_post, h_res, link = kernels.mhc_site_enter(x, fn, base, scale)
+    kernels.mhc_site_exit(x, u, h_post, h_res, link).sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(fn.grad, torch.zeros_like(fn))

@@ -44,37 +44,54 @@ def enter_forward(x2, fn, base, scale, n, iters, eps):
     return u, h_pre, h_post, h_res, mixes, inv_rms
 
 
-def enter_backward(x2, fn, base, scale, saved, du, g_post, g_res, dout, n, iters, eps):
-    """``(dx [T, n*C], dfn, dbase, dscale)``: the site's whole ``dx``.
+def enter_backward(x, fn, base, scale, saved, du, g_post, g_res, link, iters, eps):
+    """``(dx, dfn, dbase, dscale)``: the site's whole ``dx``, in ``x``'s shape.
 
     Args:
-        x2: ``[T, n*C]`` the site's input streams.
+        x: ``[..., n, C]`` the site's input streams.
         fn, base, scale: the site's parameters.
         saved: ``(h_pre [T, n], h_res [T, n, n], mixes [T, N], inv_rms [T])`` from
             :func:`enter_forward`.
-        du: ``[T, C]`` gradient of the branch input.
-        g_post, g_res: ``[T, n]``, ``[T, n, n]`` gradients of ``h_post`` and ``h_res`` (from
-            :func:`exit_backward`).
-        dout: ``[T, n*C]`` gradient of the site's output, or None.
+        du, g_post, g_res: gradients of the branch input ``u``, ``h_post`` and ``h_res`` as
+            autograd passes them (any shape with ``T`` leading elements, broadcast, or None).
+        link: the site's :class:`SiteLink`; its ``dout`` (None if the exit's backward did not
+            run) is used and released.
     """
     h_pre, h_res, mixes, inv_rms = saved
-    t = x2.shape[0]
-    _, g_pre = _pre.pre_backward(x2.view(t, n, -1), h_pre, du, write_dx=False)
-    return _coef._backward(
-        x2, fn, base, scale, mixes, inv_rms, g_pre, g_post, g_res, n, iters, eps,
-        site=(du, h_pre, h_res, dout),
+    (n, c), t = x.shape[-2:], h_pre.shape[0]
+    x2 = x.reshape(t, n * c).contiguous()
+    dout, link.dout = link.dout, None
+    du = _dense(du, (t, c), x2.dtype, x2.device)
+    _, g_pre = _pre.pre_backward(x2.view(t, n, c), h_pre, du, write_dx=False)
+    dx, dfn, dbase, dscale = _coef._backward(
+        x2, fn, base, scale, mixes, inv_rms, g_pre, _dense(g_post, (t, n), device=x2.device),
+        _dense(g_res, (t, n, n), device=x2.device), n, iters, eps, site=(du, h_pre, h_res, dout),
     )  # fmt: skip
+    return dx.view(x.shape), dfn, dbase, dscale
 
 
-def exit_backward(x3, y2, h_post, h_res, dout3):
-    """``(dy [T, C], dh_post [T, n], dh_res [T, n, n])``; ``dx`` is left to the enter."""
+def exit_backward(x, y, h_post, h_res, dout, link):
+    """``(dy, dh_post, dh_res)`` in the shapes of ``y``, ``h_post``, ``h_res``; ``dout`` goes
+    on ``link`` for the enter's backward, which writes ``dx``.
+
+    Args:
+        x: ``[..., n, C]`` the site's input streams; y: ``[..., C]``; h_post: ``[..., n]``;
+            h_res: ``[..., n, n]``: the forward's inputs.
+        dout: ``[..., n, C]`` gradient of the site's output.
+        link: the site's :class:`SiteLink`.
+    """
+    n, c = x.shape[-2:]
+    t = x.numel() // (n * c)
+    dout3 = dout.contiguous().view(t, n, c)
     _, dy, dh_post, dh_res = _post_res.post_res_backward(
-        x3, y2, h_post, h_res, dout3, write_dx=False
-    )
-    return dy, dh_post, dh_res
+        x.contiguous().view(t, n, c), y.contiguous().view(t, c), h_post.contiguous().view(t, n),
+        h_res.contiguous().view(t, n, n), dout3, write_dx=False,
+    )  # fmt: skip
+    link.dout = dout3.view(t, n * c)
+    return dy.view(y.shape), dh_post.view(h_post.shape), dh_res.view(h_res.shape)
 
 
-def dense_grad(g, shape, dtype=torch.float32, device=None):
+def _dense(g, shape, dtype=torch.float32, device=None):
     """A gradient as a contiguous tensor of ``shape`` (zeros for None; autograd may pass
     expanded stride-0 gradients of sums)."""
     if g is None:
@@ -99,17 +116,12 @@ class MHCSiteEnterFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, du, _, g_post, g_res):
-        x2, fn, base, scale, h_pre, h_res, mixes, inv_rms = ctx.saved_tensors
-        (t, k), n = x2.shape, ctx.shape[-2]
-        dout, ctx.link.dout = ctx.link.dout, None  # released once used
+        x2, fn, base, scale, *saved = ctx.saved_tensors
         dx, dfn, dbase, dscale = enter_backward(
-            x2, fn, base, scale, (h_pre, h_res, mixes, inv_rms),
-            dense_grad(du, (t, k // n), x2.dtype, x2.device),
-            dense_grad(g_post, (t, n), device=x2.device),
-            dense_grad(g_res, (t, n, n), device=x2.device),
-            dout, n, ctx.iters, ctx.eps,
+            x2.view(ctx.shape), fn, base, scale, saved, du, g_post, g_res, ctx.link, ctx.iters,
+            ctx.eps,
         )  # fmt: skip
-        return dx.view(ctx.shape), dfn, dbase, dscale, None, None, None
+        return dx, dfn, dbase, dscale, None, None, None
 
 
 class MHCSiteExitFunction(torch.autograd.Function):
@@ -123,18 +135,15 @@ class MHCSiteExitFunction(torch.autograd.Function):
         hp, hr = h_post.contiguous().view(t, n), h_res.contiguous().view(t, n, n)
         out = _post_res.post_res_forward(x3, y2, hp, hr)
         ctx.save_for_backward(x3, y2, hp, hr)
-        ctx.link, ctx.shapes = link, (y.shape, h_post.shape, h_res.shape)
+        ctx.link, ctx.shapes = link, (x.shape, y.shape, h_post.shape, h_res.shape)
         return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, dout):
-        x3, y2, hp, hr = ctx.saved_tensors
-        dout3 = dout.contiguous().view(x3.shape)
-        dy, dh_post, dh_res = exit_backward(x3, y2, hp, hr, dout3)
-        ctx.link.dout = dout3.view(x3.shape[0], -1)
+        views = [t.view(shape) for t, shape in zip(ctx.saved_tensors, ctx.shapes, strict=True)]
+        dy, dh_post, dh_res = exit_backward(*views, dout, ctx.link)
         # No gradient for x here: the enter's backward writes all of it, this dout included.
-        y_shape, post_shape, res_shape = ctx.shapes
-        return None, dy.view(y_shape), dh_post.view(post_shape), dh_res.view(res_shape), None
+        return None, dy, dh_post, dh_res, None
 
 
 def mhc_site_enter(

@@ -141,17 +141,14 @@ class _FusedSiteEnter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, du, g_post, g_res):
-        block, n = ctx.block, ctx.shape[-2]
+        block = ctx.block
         fn, base, scale, *saved = ctx.saved_tensors
-        x2 = block.streams(ctx.index).reshape(-1, ctx.shape[-2] * ctx.shape[-1])
-        t, dense = x2.shape[0], block.fused_site.dense_grad
         dx, dfn, dbase, dscale = block.fused_site.enter_backward(
-            x2, fn, base, scale, saved, dense(du, (t, ctx.shape[-1]), x2.dtype, x2.device),
-            dense(g_post, (t, n), device=x2.device), dense(g_res, (t, n, n), device=x2.device),
-            block.links.pop(ctx.index).dout, n, ctx.iters, ctx.eps,
+            block.streams(ctx.index), fn, base, scale, saved, du, g_post, g_res,
+            block.links.pop(ctx.index), ctx.iters, ctx.eps,
         )  # fmt: skip
         block.release(ctx.index)
-        return dx.view(ctx.shape), dfn, dbase, dscale, None, None, None
+        return dx, dfn, dbase, dscale, None, None, None
 
 
 class _FusedSiteExit(torch.autograd.Function):
@@ -167,23 +164,11 @@ class _FusedSiteExit(torch.autograd.Function):
     def backward(ctx, dout):
         block = ctx.block
         y, h_post, h_res = ctx.saved_tensors
-        x = block.streams(ctx.index)
-        t, n, c = x.numel() // (x.shape[-2] * x.shape[-1]), x.shape[-2], x.shape[-1]
-        dout3 = dout.contiguous().view(t, n, c)
         dy, dh_post, dh_res = block.fused_site.exit_backward(
-            x.reshape(t, n, c), y.contiguous().view(t, c), h_post.contiguous().view(t, n),
-            h_res.contiguous().view(t, n, n), dout3,
-        )  # fmt: skip
-        block.links[ctx.index].dout = dout3.view(t, n * c)
-        block.release(ctx.index)
-        return (
-            None,
-            dy.view(y.shape),
-            dh_post.view(h_post.shape),
-            dh_res.view(h_res.shape),
-            None,
-            None,
+            block.streams(ctx.index), y, h_post, h_res, dout, block.links[ctx.index]
         )
+        block.release(ctx.index)
+        return None, dy, dh_post, dh_res, None, None
 
 
 def enter_site(block: StreamBlock, site, x: torch.Tensor, pre):
