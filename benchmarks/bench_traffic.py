@@ -15,7 +15,10 @@ What runs (``x [T, n, C]`` bf16 streams, fp32 parameters, 20 Sinkhorn iterations
   ``mhc_site_exit``, what the mHC layer runs), ``recompute`` (the layer's stream-recompute
   path on the fused site, which keeps no streams and rebuilds them in backward: two sites of
   one block, per site, since the first reads the block's kept input).
-- ``layer``: two fused sites in a row (attention and MLP positions), per site.
+- ``layer``: two fused sites in a row (attention and MLP positions), per site: the second
+  site's ``dx`` pass runs chained with the first's exit backward (``kernels.chain``, n <= 4).
+- ``model``: ``--model-sites`` fused sites in a row (default 8, four layers), per site: every
+  site but the first is chained, as in a pipeline stage of a model.
 
     python benchmarks/bench_traffic.py                       # n = 4 and 8, C = 2560
     python benchmarks/bench_traffic.py --streams 4 --hidden 512 --tokens 32 64
@@ -79,9 +82,11 @@ def _run_separate(x, p, state):
 def _run_fused(x, p, state):
     from mhc_megatron import kernels
 
+    # Sites in a row chain their backward passes, as the mHC layer and model run them.
     u, _, h_post, h_res, link = kernels.mhc_site_enter(
-        x, p["fn"], p["base"], p["scale"], ITERS, EPS
+        x, p["fn"], p["base"], p["scale"], ITERS, EPS, after=state.get("link")
     )
+    state["link"] = link
     return kernels.mhc_site_exit(x, _Branch.apply(u), h_post, h_res, link)
 
 
@@ -165,7 +170,9 @@ def totals(rows: list[dict], n: int, sites: int) -> dict:
     return out
 
 
-def bench(n: int, C: int, tokens: tuple[int, int], impls, layer: bool = True) -> dict:
+def bench(
+    n: int, C: int, tokens: tuple[int, int], impls, layer: bool = True, model_sites: int = 8
+) -> dict:
     result = {"n": n, "C": C, "tokens": list(tokens), "site": {}}
     for impl in impls:
         # A recompute block's first site reads its kept input; the second's is rebuilt.
@@ -173,11 +180,13 @@ def bench(n: int, C: int, tokens: tuple[int, int], impls, layer: bool = True) ->
         small, large = (measure(impl, n, C, t, sites) for t in tokens)
         rows = split_by_tokens(small, large, *tokens, C)
         result["site"][impl] = {"sites": sites, "totals": totals(rows, n, sites), "records": rows}
-    if layer:
-        small, large = (measure("fused", n, C, t, sites=2) for t in tokens)
+    for name, sites in (("layer", 2), ("model", model_sites)) if layer else ():
+        if sites < 2:
+            continue
+        small, large = (measure("fused", n, C, t, sites=sites) for t in tokens)
         rows = split_by_tokens(small, large, *tokens, C)
-        result["layer"] = {"impl": "fused", "sites": 2, "per_site": totals(rows, n, 2),
-                           "records": rows}  # fmt: skip
+        result[name] = {"impl": "fused", "sites": sites, "per_site": totals(rows, n, sites),
+                        "records": rows}  # fmt: skip
     return result
 
 
@@ -185,8 +194,7 @@ def print_table(result: dict) -> None:
     print(f"\nn = {result['n']}, C = {result['C']} (per site, S = T*C*2 bytes)")
     print(f"{'impl':10s} {'fwd':>7s} {'bwd':>7s} {'total':>7s} {'issued':>7s} {'/floor':>7s}")
     entries = [(k, v["totals"]) for k, v in result["site"].items()]
-    if "layer" in result:
-        entries.append(("layer", result["layer"]["per_site"]))
+    entries += [(name, result[name]["per_site"]) for name in ("layer", "model") if name in result]
     for name, t in entries:
         print(f"{name:10s} {t['fwd_S']:7.2f} {t['bwd_S']:7.2f} {t['total_S']:7.2f} "
               f"{t['total_issued_S']:7.2f} {t['total_over_floor']:7.3f}")  # fmt: skip
@@ -198,7 +206,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--hidden", type=int, default=2560)
     parser.add_argument("--tokens", type=int, nargs=2, default=[64, 128])
     parser.add_argument("--impls", default=",".join(IMPLS))
-    parser.add_argument("--no-layer", action="store_true", help="skip the two-site layer")
+    parser.add_argument("--no-layer", action="store_true", help="skip the layer and the model")
+    parser.add_argument("--model-sites", type=int, default=8, help="sites in a row of 'model'")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]
@@ -211,7 +220,8 @@ def main(argv=None) -> dict:
         "shapes": [],
     }
     for n in args.streams:
-        result = bench(n, args.hidden, tuple(args.tokens), impls, layer=not args.no_layer)
+        result = bench(n, args.hidden, tuple(args.tokens), impls, layer=not args.no_layer,
+                       model_sites=args.model_sites)  # fmt: skip
         print_table(result)
         data["shapes"].append(result)
     write_json(args.out, data)

@@ -87,7 +87,7 @@ def compile_only(compiled: list):
 
 def launch_everything(n: int, C: int, T: int) -> None:
     """Runs the launch code of every kernel once on ``x [T, n, C]`` bf16 (nothing executes)."""
-    from mhc_megatron.kernels import coefficients, post_res, pre, site
+    from mhc_megatron.kernels import chain, coefficients, post_res, pre, site
 
     bf16, f32 = dict(dtype=torch.bfloat16), dict(dtype=torch.float32)
     rows, K = n * n + 2 * n, n * C
@@ -108,6 +108,14 @@ def launch_everything(n: int, C: int, T: int) -> None:
     site.exit_backward(x3, y, h_post, h_res, dout3, link)
     saved = (h_pre, h_res, mixes, inv_rms)
     site.enter_backward(x3, fn, base, scale, saved, du, h_post, h_res, link, 20, 1e-6)
+    # Two sites in a row: the second's dx pass chained with the first's exit backward (n <= 4).
+    if chain.chainable(n):
+        after = site.SiteLink()
+        after.exit_inputs = lambda: (x2, y, h_post, h_res)
+        link.dout = dout2
+        site.enter_backward(
+            x3, fn, base, scale, saved, du, h_post, h_res, link, 20, 1e-6, after=after
+        )
     # The separate ops (HC, mHC-lite, and the stream recompute's rebuild).
     coefficients._forward(x2, fn, base, scale, n, 20, 1e-6)
     coefficients._backward(x2, fn, base, scale, mixes, inv_rms, h_pre, h_post, h_res, n, 20, 1e-6)

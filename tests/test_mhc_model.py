@@ -246,12 +246,23 @@ def test_backend_resolution(monkeypatch):
         resolve_backend(_config(mhc_backend="triton"), cpu)
 
 
+def _count_chained_passes(monkeypatch) -> list:
+    """Counts the chained backward passes of fused sites in a row (kernels.chain)."""
+    from mhc_megatron.kernels import chain
+
+    calls, real = [], chain.backward_x_chain
+    monkeypatch.setattr(chain, "backward_x_chain", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("variant", ["mhc", "mhc-lite"])
-def test_triton_backend_trains_the_same_model_as_torch(variant):
+def test_triton_backend_trains_the_same_model_as_torch(variant, monkeypatch):
     """--mhc-backend triton (the fused kernels, here in Triton's interpreter) against the torch
     ops on a whole MoE model: logits and every parameter's gradient, fp32. mhc-lite keeps torch
-    coefficients and uses the fused mixes."""
+    coefficients and uses the fused mixes. With mhc, every site after the first chains its
+    backward to the previous site's exit, within a layer and across layers."""
     assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+    chained = _count_chained_passes(monkeypatch)
     torch.manual_seed(0)
     reference = _build(_config(mhc_backend="torch", mhc_variant=variant, **MOE)).train()
     fused = _build(_config(mhc_backend="triton", mhc_variant=variant, **MOE)).train()
@@ -276,6 +287,8 @@ def test_triton_backend_trains_the_same_model_as_torch(variant):
         for name, grad in outputs["torch"][1].items()
     }
     assert max(worst.values()) < 2e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+    # 3 layers, 6 sites: 5 chained pairs with mhc; mhc-lite's torch coefficients run unfused.
+    assert len(chained) == (5 if variant == "mhc" else 0)
 
 
 def _loss_and_grads(model):
@@ -289,7 +302,7 @@ def _loss_and_grads(model):
 @pytest.mark.parametrize(
     "recompute, backend", [("stage", "torch"), ("1", "torch"), ("2", "torch"), ("2", "triton")]
 )
-def test_stream_recompute_gives_the_same_gradients(recompute, backend):
+def test_stream_recompute_gives_the_same_gradients(recompute, backend, monkeypatch):
     """--mhc-recompute rebuilds the streams in backward instead of keeping them: the loss is
     bitwise the same (the forward runs the same ops) and so is every gradient up to the order in
     which a stream's gradient contributions are summed. With the triton backend the rebuild and
@@ -303,8 +316,11 @@ def test_stream_recompute_gives_the_same_gradients(recompute, backend):
     recomputing = _build(_config(**{**MOE, **settings}, mhc_recompute=recompute)).train()
     recomputing.load_state_dict(reference.state_dict())
     expected_loss, expected = _loss_and_grads(reference)
+    chained = _count_chained_passes(monkeypatch)
     loss, grads = _loss_and_grads(recomputing)
     assert torch.equal(loss, expected_loss)
+    # triton: sites chain within a block (2 blocks of 2 layers, 4 sites each: 3 pairs each).
+    assert len(chained) == (6 if backend == "triton" else 0)
     # Without recompute autograd sums a stream's gradient from coefficients, pre-mix and
     # post+res in one order; with it, coefficients + pre-mix arrive already summed: float32
     # rounding of the last bits only.

@@ -70,6 +70,17 @@ def _row_groups(n: tl.constexpr, W2: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
+def _tile(ptr, rows, row_mask, cols, col_mask, stride):
+    """The ``[len(rows), len(cols)]`` fp32 tile at ``ptr + rows * stride + cols``, 0 where
+    masked."""
+    return tl.load(
+        ptr + rows[:, None] * stride + cols[None, :],
+        mask=row_mask[:, None] & col_mask[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
 def _sinkhorn(
     logits,
     valid,
@@ -281,12 +292,8 @@ def _bwd_x_kernel(x_ptr, fn_ptr, dm_ptr, rms_coef_ptr, dx_ptr, part_fn_ptr, du_p
     split = tl.program_id(1)
     pp, pp_mask, res, res_mask = _row_groups(n, W2, P)
     # This block's columns of fn stay in registers for the whole token loop.
-    f_pp = tl.load(
-        fn_ptr + pp[:, None] * K + kk[None, :], mask=pp_mask[:, None] & k_mask[None, :], other=0.0
-    )
-    f_res = tl.load(
-        fn_ptr + res[:, None] * K + kk[None, :], mask=res_mask[:, None] & k_mask[None, :], other=0.0
-    )
+    f_pp = _tile(fn_ptr, pp, pp_mask, kk, k_mask, K)
+    f_res = _tile(fn_ptr, res, res_mask, kk, k_mask, K)
     dfn_pp = tl.zeros((W2, BK), dtype=tl.float32)
     dfn_res = tl.zeros((P * P, BK), dtype=tl.float32)
     t_start = split * tokens_per_split
@@ -298,16 +305,8 @@ def _bwd_x_kernel(x_ptr, fn_ptr, dm_ptr, rms_coef_ptr, dx_ptr, part_fn_ptr, du_p
         xk_mask = t_mask[:, None] & k_mask[None, :]
         x = tl.load(x_ptr + t64[:, None] * K + kk[None, :], mask=xk_mask, other=0.0)
         x = x.to(tl.float32)
-        dm_pp = tl.load(
-            dm_ptr + t64[:, None] * N + pp[None, :],
-            mask=t_mask[:, None] & pp_mask[None, :],
-            other=0.0,
-        )
-        dm_res = tl.load(
-            dm_ptr + t64[:, None] * N + res[None, :],
-            mask=t_mask[:, None] & res_mask[None, :],
-            other=0.0,
-        )
+        dm_pp = _tile(dm_ptr, t64, t_mask, pp, pp_mask, N)
+        dm_res = _tile(dm_ptr, t64, t_mask, res, res_mask, N)
         coef = tl.load(rms_coef_ptr + t, mask=t_mask, other=0.0)
         acc = coef[:, None] * x
         if SITE:
@@ -347,6 +346,14 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: still splits the tokens, so tests cover the split path
+
+
+def _token_splits(t: int, bt: int, column_blocks: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, tokens per split)`` of a pass whose programs own a column block for a range
+    of tokens: enough programs to fill the GPU twice over, each range a multiple of ``bt``."""
+    splits = max(1, min(triton.cdiv(t, bt), triton.cdiv(2 * _num_sms(device), column_blocks)))
+    per_split = max(1, triton.cdiv(triton.cdiv(t, splits), bt)) * bt
+    return max(1, triton.cdiv(t, per_split)), per_split
 
 
 def _check(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int):
@@ -412,33 +419,49 @@ def _backward(x2, fn, base, scale, mixes, inv_rms, g_pre, g_post, g_res, n, iter
     ``h_pre[j] * du`` and the residual mix's ``sum_i h_res[i, j] * dout[i]``: one pass writes
     the site's whole ``d_x``.
     """
+    dm, rms_coef, dbase, dscale = _backward_coef(
+        mixes, inv_rms, base, scale, g_pre, g_post, g_res, x2.shape[1], n, iters, eps
+    )
+    dx, dfn = _backward_x(x2, fn, dm, rms_coef, n, site)
+    return dx, dfn, dbase, dscale
+
+
+def _backward_coef(mixes, inv_rms, base, scale, g_pre, g_post, g_res, k, n, iters, eps):
+    """The coefficients' backward, per token: ``(d_mixes * inv_rms [T, N], rms_coef [T],
+    d_base [N], d_scale [3])``; ``d_x = rms_coef * x + (d_mixes * inv_rms) @ fn`` and
+    ``d_fn = (d_mixes * inv_rms).T @ x`` follow in a pass over ``x`` (:func:`_backward_x`)."""
+    t = mixes.shape[0]
+    rows = n * n + 2 * n
+    w2, p = _layout(n)
+    f32 = dict(device=mixes.device, dtype=torch.float32)
+    bt = 32 if p <= 4 else 16
+    blocks = triton.cdiv(t, bt)
+    dm, rms_coef = torch.empty(t, rows, **f32), torch.empty(t, **f32)
+    if t == 0:
+        return dm, rms_coef, torch.zeros(rows, **f32), torch.zeros(3, **f32)
+    part = torch.empty(blocks, rows + 3, **f32)  # [d_base | d_scale] per block
+    scratch = torch.empty(blocks * 2 * iters * bt * p, **f32)
+    _bwd_coef_kernel[(blocks,)](
+        mixes, inv_rms, base, scale, g_pre, g_post, g_res, dm, rms_coef, part, scratch, t, k,
+        iters, eps, n=n, W2=w2, P=p, BT=bt, num_warps=4,
+    )  # fmt: skip
+    # torch.sum over a fixed shape is a fixed-order reduction: deterministic.
+    dbase, dscale = part.sum(0).split([rows, 3])
+    return dm, rms_coef, dbase, dscale
+
+
+def _backward_x(x2, fn, dm, rms_coef, n, site=None):
+    """``(d_x [T, n*C], d_fn [N, n*C])`` from :func:`_backward_coef`'s outputs; ``site`` as
+    :func:`_backward`."""
     t, k = x2.shape
     c = k // n
     rows = n * n + 2 * n
     w2, p = _layout(n)
     f32 = dict(device=x2.device, dtype=torch.float32)
-    bt = 32 if p <= 4 else 16
-    blocks = triton.cdiv(t, bt)
-    dm, rms_coef = torch.empty(t, rows, **f32), torch.empty(t, **f32)
-    if t > 0:
-        part = torch.empty(blocks, rows + 3, **f32)  # [d_base | d_scale] per block
-        scratch = torch.empty(blocks * 2 * iters * bt * p, **f32)
-        _bwd_coef_kernel[(blocks,)](
-            mixes, inv_rms, base, scale, g_pre, g_post, g_res, dm, rms_coef, part, scratch, t, k,
-            iters, eps, n=n, W2=w2, P=p, BT=bt, num_warps=4,
-        )  # fmt: skip
-        # torch.sum over a fixed shape is a fixed-order reduction: deterministic.
-        dbase, dscale = part.sum(0).split([rows, 3])
-    else:
-        dbase, dscale = torch.zeros(rows, **f32), torch.zeros(3, **f32)
-
     bk = 64 if p <= 4 else 32
     bt = 32
     k_blocks = n * triton.cdiv(c, bk)
-    # Enough (column block, token range) programs to fill the GPU twice over.
-    splits = max(1, min(triton.cdiv(t, bt), triton.cdiv(2 * _num_sms(x2.device), k_blocks)))
-    per_split = max(1, triton.cdiv(triton.cdiv(t, splits), bt)) * bt
-    splits = max(1, triton.cdiv(t, per_split))
+    splits, per_split = _token_splits(t, bt, k_blocks, x2.device)
     dx = torch.empty_like(x2)
     part_fn = torch.empty(splits, rows, k, **f32)
     exact = x2.dtype != torch.float32
@@ -450,7 +473,7 @@ def _backward(x2, fn, base, scale, mixes, inv_rms, g_pre, g_post, g_res, n, iter
         HAS_DOUT=dout is not None, num_warps=4, num_stages=3,  # 8 repeat MMA work at n = 8
     )  # fmt: skip
     # One split (few tokens or many column blocks) is already the sum: no reduction launch.
-    return dx, part_fn[0] if splits == 1 else part_fn.sum(0), dbase, dscale
+    return dx, part_fn[0] if splits == 1 else part_fn.sum(0)
 
 
 class MHCCoefficientsFunction(torch.autograd.Function):

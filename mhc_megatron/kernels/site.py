@@ -13,27 +13,65 @@ ops, autograd gets three gradients for ``x`` (coefficients, pre-mix, residual mi
   site's whole ``dx = h_pre[j] du + sum_i h_res[i, j] dout[i] + (coefficient terms)`` in one
   pass, accumulated in fp32 and rounded once.
 
+Sites in a row are chained: a site entered with ``after=`` the previous site's link (whose
+exit produced its input streams) runs its ``dx`` pass together with that previous exit's
+backward (:mod:`mhc_megatron.kernels.chain`), which then only hands over the results. The
+previous exit's saved inputs are read through its autograd node (so saved-tensor hooks apply),
+and the results are used only if the gradient autograd passes to that exit is the ``dx`` the
+chain wrote (another consumer of the streams would have added to it): otherwise the exit's own
+backward runs, so chaining never changes what is computed.
+
 No atomics: every gradient is bitwise reproducible. The values match the separate ops (and so
 :mod:`mhc_megatron.ops`) up to the rounding of the three partial ``dx`` to x's dtype, which
 the fused pass skips.
 """
 
 import math
+import weakref
 
 import torch
 
+from mhc_megatron.kernels import chain as _chain
 from mhc_megatron.kernels import coefficients as _coef
 from mhc_megatron.kernels import post_res as _post_res
 from mhc_megatron.kernels import pre as _pre
 
 
 class SiteLink:
-    """Carries ``dout [T, n*C]`` from the exit's backward to the enter's; one per site call."""
+    """What the two halves of one site (and the next site's enter) pass each other in backward.
 
-    __slots__ = ("dout",)
+    Attributes:
+        dout: ``[T, n*C]`` gradient of the site's output, left by the exit's backward for the
+            enter's ``dx`` pass.
+        exit_inputs: a callable returning the exit's inputs ``(x [T, n*C], y [T, C],
+            h_post [T, n], h_res [T, n, n])`` while its backward has not run, else None.
+        output: ``(data_ptr, shape)`` of the exit's output, so the next enter can check that
+            its input streams are that output.
+        chained: ``(dx, dy, dh_post, dh_res)`` from the next site's chained backward: the
+            exit's gradients, valid if its ``dout`` is ``dx``.
+    """
+
+    __slots__ = ("dout", "exit_inputs", "output", "chained")
 
     def __init__(self):
         self.dout: torch.Tensor | None = None
+        self.exit_inputs = None
+        self.output: tuple | None = None
+        self.chained: tuple | None = None
+
+    def produced(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is this site's output streams (and the exit kept its inputs)."""
+        return self.exit_inputs is not None and self.output == (x.data_ptr(), tuple(x.shape))
+
+    def take_chained(self, dout: torch.Tensor) -> tuple | None:
+        """The exit's ``(dy, dh_post, dh_res)`` from the chained pass if ``dout`` is the ``dx``
+        it wrote (the only gradient of the streams), else None; releases both."""
+        chained, self.chained, self.exit_inputs = self.chained, None, None
+        if chained is None:
+            return None
+        dx = chained[0]
+        same = dout.data_ptr() == dx.data_ptr() and dout.numel() == dx.numel()
+        return chained[1:] if same and dout.is_contiguous() else None
 
 
 def enter_forward(x2, fn, base, scale, n, iters, eps):
@@ -44,7 +82,7 @@ def enter_forward(x2, fn, base, scale, n, iters, eps):
     return u, h_pre, h_post, h_res, mixes, inv_rms
 
 
-def enter_backward(x, fn, base, scale, saved, du, g_post, g_res, link, iters, eps):
+def enter_backward(x, fn, base, scale, saved, du, g_post, g_res, link, iters, eps, after=None):
     """``(dx, dfn, dbase, dscale)``: the site's whole ``dx``, in ``x``'s shape.
 
     Args:
@@ -56,6 +94,9 @@ def enter_backward(x, fn, base, scale, saved, du, g_post, g_res, link, iters, ep
             autograd passes them (any shape with ``T`` leading elements, broadcast, or None).
         link: the site's :class:`SiteLink`; its ``dout`` (None if the exit's backward did not
             run) is used and released.
+        after: the previous site's link, whose exit produced ``x`` (checked at the enter's
+            forward), or None. Its exit's backward is done here, in the ``dx`` pass, and left
+            on it (:meth:`SiteLink.take_chained`).
     """
     h_pre, h_res, mixes, inv_rms = saved
     (n, c), t = x.shape[-2:], h_pre.shape[0]
@@ -63,10 +104,17 @@ def enter_backward(x, fn, base, scale, saved, du, g_post, g_res, link, iters, ep
     dout, link.dout = link.dout, None
     du = _dense(du, (t, c), x2.dtype, x2.device)
     _, g_pre = _pre.pre_backward(x2.view(t, n, c), h_pre, du, write_dx=False)
-    dx, dfn, dbase, dscale = _coef._backward(
-        x2, fn, base, scale, mixes, inv_rms, g_pre, _dense(g_post, (t, n), device=x2.device),
-        _dense(g_res, (t, n, n), device=x2.device), n, iters, eps, site=(du, h_pre, h_res, dout),
+    dm, rms_coef, dbase, dscale = _coef._backward_coef(
+        mixes, inv_rms, base, scale, g_pre, _dense(g_post, (t, n), device=x2.device),
+        _dense(g_res, (t, n, n), device=x2.device), n * c, n, iters, eps,
     )  # fmt: skip
+    site = (du, h_pre, h_res, dout)
+    exit_inputs = after.exit_inputs if after is not None else None
+    if exit_inputs is None:
+        dx, dfn = _coef._backward_x(x2, fn, dm, rms_coef, n, site)
+    else:
+        dx, dfn, *grads = _chain.backward_x_chain(fn, dm, rms_coef, site, exit_inputs(), n)
+        after.chained = (dx, *grads)
     return dx.view(x.shape), dfn, dbase, dscale
 
 
@@ -99,17 +147,33 @@ def _dense(g, shape, dtype=torch.float32, device=None):
     return g.reshape(shape).contiguous()
 
 
+def exit_saved(link: SiteLink, inputs, output: torch.Tensor) -> None:
+    """Records on ``link`` how to get an exit's inputs (``inputs()``, valid until the exit's
+    backward) and which tensor is its output, so that the next site can chain to it. Called in
+    the exit's forward; :func:`exit_untracked` undoes it where autograd recorded no graph."""
+    if _chain.chainable(output.shape[-2]):
+        link.exit_inputs, link.output = inputs, (output.data_ptr(), tuple(output.shape))
+
+
+def exit_untracked(link: SiteLink, output: torch.Tensor) -> None:
+    """Forgets the exit's inputs if its output has no backward (no grad mode, or nothing that
+    requires grad): then nothing can chain to it."""
+    if not output.requires_grad:
+        link.exit_inputs = link.output = None
+
+
 class MHCSiteEnterFunction(torch.autograd.Function):
     """``x -> (u, h_pre, h_post, h_res)``; see :func:`mhc_site_enter`."""
 
     @staticmethod
-    def forward(ctx, x, fn, base, scale, iters, eps, link):
+    def forward(ctx, x, fn, base, scale, iters, eps, link, after):
         lead, (n, c) = x.shape[:-2], x.shape[-2:]
         t = math.prod(lead)
         x2 = x.reshape(t, n * c).contiguous()
         u, h_pre, h_post, h_res, mixes, inv_rms = enter_forward(x2, fn, base, scale, n, iters, eps)
         ctx.save_for_backward(x2, fn, base, scale, h_pre, h_res, mixes, inv_rms)
         ctx.shape, ctx.iters, ctx.eps, ctx.link = x.shape, iters, eps, link
+        ctx.after = after if after is not None and after.produced(x) else None
         outputs = (u.view(*lead, c), h_pre.view(*lead, n), h_post.view(*lead, n))
         ctx.mark_non_differentiable(outputs[1])  # marks the returned view itself
         return *outputs, h_res.view(*lead, n, n)
@@ -119,9 +183,9 @@ class MHCSiteEnterFunction(torch.autograd.Function):
         x2, fn, base, scale, *saved = ctx.saved_tensors
         dx, dfn, dbase, dscale = enter_backward(
             x2.view(ctx.shape), fn, base, scale, saved, du, g_post, g_res, ctx.link, ctx.iters,
-            ctx.eps,
+            ctx.eps, after=ctx.after,
         )  # fmt: skip
-        return dx, dfn, dbase, dscale, None, None, None
+        return dx, dfn, dbase, dscale, None, None, None, None
 
 
 class MHCSiteExitFunction(torch.autograd.Function):
@@ -136,10 +200,24 @@ class MHCSiteExitFunction(torch.autograd.Function):
         out = _post_res.post_res_forward(x3, y2, hp, hr)
         ctx.save_for_backward(x3, y2, hp, hr)
         ctx.link, ctx.shapes = link, (x.shape, y.shape, h_post.shape, h_res.shape)
-        return out.view(x.shape)
+        out = out.view(x.shape)
+        node = weakref.ref(ctx)  # not the tensors: they stay under autograd's saved-tensor hooks
+
+        def inputs():
+            x_, y_, hp_, hr_ = node().saved_tensors
+            return x_.view(t, n * c), y_, hp_, hr_
+
+        exit_saved(link, inputs, out)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
+        chained = ctx.link.take_chained(dout)
+        if chained is not None:
+            ctx.link.dout = dout.view(-1, math.prod(dout.shape[-2:]))
+            dy, dh_post, dh_res = chained
+            y_shape, post_shape, res_shape = ctx.shapes[1:]
+            return None, dy.view(y_shape), dh_post.view(post_shape), dh_res.view(res_shape), None
         views = [t.view(shape) for t, shape in zip(ctx.saved_tensors, ctx.shapes, strict=True)]
         dy, dh_post, dh_res = exit_backward(*views, dout, ctx.link)
         # No gradient for x here: the enter's backward writes all of it, this dout included.
@@ -154,6 +232,7 @@ def mhc_site_enter(
     iters: int = 20,
     eps: float = 1e-6,
     deterministic: bool = False,
+    after: SiteLink | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, SiteLink]:
     """Coefficients and branch input of one site; pair with :func:`mhc_site_exit`.
 
@@ -164,6 +243,9 @@ def mhc_site_enter(
         fn, base, scale: the site's fp32 parameters, as in ``kernels.mhc_coefficients``.
         iters, eps: Sinkhorn iterations and eps.
         deterministic: accepted for ``--deterministic-mode``; no atomics are used.
+        after: the link of the site whose :func:`mhc_site_exit` returned ``x``: the two
+            backward passes then run chained (module docstring). Ignored if ``x`` is not that
+            output, or for ``n`` above ``chain.CHAIN_MAX_STREAMS``.
 
     Returns:
         ``(u [..., C] in x's dtype, h_pre [..., n], h_post [..., n], h_res [..., n, n], link)``,
@@ -178,8 +260,9 @@ def mhc_site_enter(
     _coef._check(x, fn, base, scale, iters)
     link = SiteLink()
     u, h_pre, h_post, h_res = MHCSiteEnterFunction.apply(
-        x, fn.contiguous(), base.contiguous(), scale.contiguous(), int(iters), float(eps), link
-    )
+        x, fn.contiguous(), base.contiguous(), scale.contiguous(), int(iters), float(eps), link,
+        after,
+    )  # fmt: skip
     return u, h_pre, h_post, h_res, link
 
 
@@ -198,4 +281,6 @@ def mhc_site_exit(
         ``[..., n, C]`` in x's dtype. Its gradient for ``x`` reaches ``x`` through the enter.
     """
     _post_res._check_inputs(x, y, h_post, h_res)
-    return MHCSiteExitFunction.apply(x, y, h_post, h_res, link)
+    out = MHCSiteExitFunction.apply(x, y, h_post, h_res, link)
+    exit_untracked(link, out)
+    return out

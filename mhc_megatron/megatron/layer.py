@@ -8,6 +8,10 @@ from mhc_megatron.megatron.backend import site_ops
 from mhc_megatron.megatron.recompute import BLOCK_ATTRIBUTE, StreamBlock, enter_site, exit_site
 from mhc_megatron.megatron.site import MHCSite
 
+# On a layer's output streams: the fused-site link of its last exit, so the next layer's first
+# site chains its backward to it (kernels.site). Lost, as it should be, across pipeline stages.
+LINK_ATTRIBUTE = "_mhc_site_link"
+
 
 def get_bias_dropout(training: bool, fused: bool):
     """Replacement for Megatron's ``get_bias_dropout_add`` that does not add the residual.
@@ -64,11 +68,13 @@ class MHCTransformerLayer(TransformerLayer):
         mix = site_ops(self.config, x.device)  # torch ops or fused kernels (--mhc-backend)
         block = self._stream_block(hidden_states, x, mix)
 
-        u, h_post, h_res, handle = self._enter(block, self.self_attention_hyper_connection, x, mix)
+        previous = getattr(hidden_states, LINK_ATTRIBUTE, None)
+        site = self.self_attention_hyper_connection
+        u, h_post, h_res, handle = self._enter(block, site, x, mix, previous)
         attention_out, context = self._forward_attention(u, **kwargs)
         x = self._exit(block, mix, x, attention_out, h_post, h_res, handle)
 
-        u, h_post, h_res, handle = self._enter(block, self.mlp_hyper_connection, x, mix)
+        u, h_post, h_res, handle = self._enter(block, self.mlp_hyper_connection, x, mix, handle)
         mlp_out = self._forward_mlp(
             u,
             kwargs.get("inference_context"),
@@ -81,6 +87,8 @@ class MHCTransformerLayer(TransformerLayer):
         if block is not None:
             # The next layer continues this block (TransformerBlock hands it this tensor).
             setattr(output, BLOCK_ATTRIBUTE, block)
+        elif mix.fused_site is not None:
+            setattr(output, LINK_ATTRIBUTE, handle)
         return output, context
 
     def _stream_block(self, hidden_states, x, mix) -> StreamBlock | None:
@@ -99,14 +107,15 @@ class MHCTransformerLayer(TransformerLayer):
         return block
 
     @staticmethod
-    def _enter(block, site, x, mix):
+    def _enter(block, site, x, mix, previous=None):
         """``(u [s, b, C], h_post, h_res, handle)``: the site's coefficients and branch input;
         ``handle`` (what ``_exit`` needs besides) is the recompute block's site index, the fused
-        site's link, or None."""
+        site's link, or None. ``previous``: the fused-site link of the site whose exit gave
+        ``x`` (their backward passes chain), or None."""
         if block is not None:
             return enter_site(block, site, x, mix.mhc_pre)
         if mix.fused_site is not None:
-            return site.fused_enter(x, mix.fused_site)
+            return site.fused_enter(x, mix.fused_site, after=previous)
         h_pre, h_post, h_res = site(x)
         return mix.mhc_pre(x, h_pre), h_post, h_res, None
 

@@ -19,6 +19,7 @@ no block. The rebuilt streams are bitwise the forward's: the same ops on the sam
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -134,6 +135,9 @@ class _FusedSiteEnter(torch.autograd.Function):
         )
         site.observe(h_pre, h_post, h_res)
         block.links[index] = fused.SiteLink()
+        # The previous site of the block chains its exit's backward into this dx pass.
+        after = block.links.get(index - 1)
+        ctx.after = after if after is not None and after.produced(x) else None
         ctx.save_for_backward(fn, base, scale, h_pre, h_res, mixes, inv_rms)
         ctx.block, ctx.index, ctx.shape = block, index, x.shape
         ctx.iters, ctx.eps = config.mhc_sinkhorn_iters, config.mhc_eps
@@ -145,9 +149,11 @@ class _FusedSiteEnter(torch.autograd.Function):
         fn, base, scale, *saved = ctx.saved_tensors
         dx, dfn, dbase, dscale = block.fused_site.enter_backward(
             block.streams(ctx.index), fn, base, scale, saved, du, g_post, g_res,
-            block.links.pop(ctx.index), ctx.iters, ctx.eps,
+            block.links.pop(ctx.index), ctx.iters, ctx.eps, after=ctx.after,
         )  # fmt: skip
         block.release(ctx.index)
+        if ctx.after is not None and ctx.after.chained is not None:
+            block.release(ctx.index - 1)  # the chained pass read the previous site's streams
         return dx, dfn, dbase, dscale, None, None, None
 
 
@@ -158,11 +164,28 @@ class _FusedSiteExit(torch.autograd.Function):
     def forward(ctx, x, y, h_post, h_res, block, index):
         ctx.save_for_backward(y, h_post, h_res)
         ctx.block, ctx.index = block, index
-        return block.post_res(x, y, h_post, h_res)
+        out = block.post_res(x, y, h_post, h_res)
+        node, (n, c) = weakref.ref(ctx), x.shape[-2:]
+
+        def inputs():  # for the next site's chained backward (kernels.site)
+            y_, h_post_, h_res_ = node().saved_tensors
+            return (
+                block.streams(index).reshape(-1, n * c), y_.reshape(-1, c),
+                h_post_.reshape(-1, n), h_res_.reshape(-1, n, n),
+            )  # fmt: skip
+
+        block.fused_site.exit_saved(block.links[index], inputs, out)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
         block = ctx.block
+        link = block.links[ctx.index]
+        chained = link.take_chained(dout)
+        if chained is not None:  # the next site's backward did this one's: nothing to rebuild
+            link.dout = dout.reshape(-1, math.prod(dout.shape[-2:]))
+            grads = (g.view(t.shape) for g, t in zip(chained, ctx.saved_tensors, strict=True))
+            return None, *grads, None, None
         y, h_post, h_res = ctx.saved_tensors
         dy, dh_post, dh_res = block.fused_site.exit_backward(
             block.streams(ctx.index), y, h_post, h_res, dout, block.links[ctx.index]
@@ -197,7 +220,9 @@ def exit_site(block: StreamBlock, x, y, h_post, h_res, index: int) -> torch.Tens
     recorded = block.add_site(y, h_post, h_res)
     assert recorded == index, "sites of a block must be entered and left in order"
     if block.fused_site is not None:
-        return _FusedSiteExit.apply(x, y, h_post, h_res, block, index)
+        out = _FusedSiteExit.apply(x, y, h_post, h_res, block, index)
+        block.fused_site.exit_untracked(block.links[index], out)
+        return out
     return _SiteExit.apply(x, y, h_post, h_res, block.post_res, block, index)
 
 

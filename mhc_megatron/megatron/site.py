@@ -136,12 +136,13 @@ class MHCSite(KeepFP32Module):
         self.observe(*coefficients)
         return coefficients
 
-    def fused_enter(self, x: torch.Tensor, fused_site):
+    def fused_enter(self, x: torch.Tensor, fused_site, after=None):
         """Coefficients and branch input on the fused site kernels (variant mhc).
 
         Args:
             x: ``[s, b, n, C]`` streams.
             fused_site: :mod:`mhc_megatron.kernels.site`.
+            after: the link of the site whose exit gave ``x``, to chain their backward passes.
 
         Returns:
             ``(u [s, b, C], h_post [s, b, n], h_res [s, b, n, n], link)``; ``link`` goes to
@@ -149,7 +150,7 @@ class MHCSite(KeepFP32Module):
         """
         u, h_pre, h_post, h_res, link = fused_site.mhc_site_enter(
             x, self.fn, self.base, self.scale, iters=self.config.mhc_sinkhorn_iters,
-            eps=self.config.mhc_eps, deterministic=self.config.deterministic_mode,
+            eps=self.config.mhc_eps, deterministic=self.config.deterministic_mode, after=after,
         )  # fmt: skip
         self.observe(h_pre, h_post, h_res)
         return u, h_post, h_res, link
