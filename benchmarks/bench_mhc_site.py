@@ -4,7 +4,9 @@ Liger-Kernel, a plain residual add and the memory floor, all measured in one run
 Per token ``x [n, C]`` (spec section 1): ``(h_pre, h_post, h_res) = mhc_coefficients(x, fn, base,
 scale)``, ``u = mhc_pre(x, h_pre)``, ``y = u`` (stands in for the branch), ``x_next =
 mhc_post_res(x, y, h_post, h_res)``. Each op and the whole site are timed forward, backward and
-forward+backward on ``x: [T, n, C]``. ``benchmarks/README.md`` describes the JSON it writes.
+forward+backward on ``x: [T, n, C]``; for ours also ``row``, two sites in a row whose backward
+passes chain (``kernels.chain``), against twice one site. ``benchmarks/README.md`` describes the
+JSON it writes.
 
     python benchmarks/bench_mhc_site.py                 # GPU: n=4, C in 1280 2560 4096, T=16384
     python benchmarks/bench_mhc_site.py --device cpu    # smoke run: CPU numbers mean nothing
@@ -32,7 +34,7 @@ from benchmarks.harness import Timer, copy_bandwidth, device_meta, write_result 
 from mhc_megatron import ops as eager_ops  # noqa: E402
 
 IMPLS = ("ours", "eager", "compile", "liger", "residual")
-TARGETS = ("coefficients", "pre", "post_res", "site")
+TARGETS = ("coefficients", "pre", "post_res", "site", "row")
 MODES = ("fwd", "bwd", "fwd_bwd")
 KERNEL_MODULES = ("coefficients", "pre", "post_res")  # mhc_megatron.kernels.<module>, in that order
 ITERS, EPS = 20, 1e-6  # Sinkhorn iterations and eps of the spec
@@ -57,6 +59,8 @@ FLOOR_DEFINITION = {
     "site": "project definition: fwd+bwd moves (6n+5)*T*C*elem bytes (elem = 2 for bf16 "
     "streams). fwd (3n+2)*T*C*elem: read x once for coefficients+pre, write u, read x and y again "
     "after the branch, write x_next; bwd the rest, (3n+3)*T*C*elem. Coefficients, params uncounted",
+    "row": "two sites in a row (the second on the first's output, same parameters): twice the "
+    "site's floor",
     "ops": "each op reads every input and writes every output once; backward recomputes from its "
     "inputs (nothing saved) and writes every input grad; formulas in floor_bytes()",
     "time": "floor_ms = bytes / copy bandwidth measured in this run",
@@ -71,6 +75,7 @@ class Impl:
     pre: Callable
     post_res: Callable
     site: Callable
+    row: Callable  # two sites in a row (same parameters): ours chains their backward passes
 
 
 @dataclass
@@ -91,7 +96,10 @@ def from_ops(coefficients: Callable, pre: Callable, post_res: Callable) -> Impl:
         y = pre(x, h_pre)  # the branch F is the identity: only the mHC work is timed
         return post_res(x, y, h_post, h_res)
 
-    return Impl(coefficients, pre, post_res, site)
+    def row(x, fn, base, scale):
+        return site(site(x, fn, base, scale), fn, base, scale)
+
+    return Impl(coefficients, pre, post_res, site, row)
 
 
 def liger_impl(device: torch.device) -> Impl:
@@ -138,7 +146,15 @@ def load_impl(name: str, device: torch.device) -> Impl | None:
             u, _, h_post, h_res, link = fused.mhc_site_enter(x, fn, base, scale, ITERS, EPS)
             return fused.mhc_site_exit(x, u, h_post, h_res, link)
 
-        impl.site = site
+        def row(x, fn, base, scale):  # the second site's dx pass does the first's exit backward
+            u, _, h_post, h_res, link = fused.mhc_site_enter(x, fn, base, scale, ITERS, EPS)
+            x = fused.mhc_site_exit(x, u, h_post, h_res, link)
+            u, _, h_post, h_res, second = fused.mhc_site_enter(
+                x, fn, base, scale, ITERS, EPS, after=link
+            )
+            return fused.mhc_site_exit(x, u, h_post, h_res, second)
+
+        impl.site, impl.row = site, row
         return impl
     if name == "compile":  # each op and the whole site compiled on their own, mode default
         e = load_impl("eager", device)
@@ -189,7 +205,8 @@ def make_case(name: str, impl: Impl | None, target: str, d: dict) -> Case:
     if target == "post_res":
         leaves = {"x": x, "y": d["y"], "h_post": d["h_post"], "h_res": d["h_res"]}
         return Case(lambda: (impl.post_res(*leaves.values()),), ("x_next",), leaves, (d["g_x"],))
-    return Case(lambda: (impl.site(*params.values()),), ("x_next",), params, (d["g_x"],))
+    run = impl.row if target == "row" else impl.site
+    return Case(lambda: (run(*params.values()),), ("x_next",), params, (d["g_x"],))
 
 
 def floor_bytes(n: int, T: int, C: int, elem: int) -> dict[str, dict[str, int]]:
@@ -211,6 +228,7 @@ def floor_bytes(n: int, T: int, C: int, elem: int) -> dict[str, dict[str, int]]:
         # y (for grad_h_post), h_post and h_res; write grad_x, grad_y, grad_h_post, grad_h_res.
         "post_res": (2 * n * S + S + hpr, 2 * n * S + S + hpr + n * S + S + hpr),
         "site": ((3 * n + 2) * S, (3 * n + 3) * S),  # sums to the project's (6n+5)*T*C*elem
+        "row": (2 * (3 * n + 2) * S, 2 * (3 * n + 3) * S),  # two sites
     }
     return {t: {"fwd": f, "bwd": b, "fwd_bwd": f + b} for t, (f, b) in fwd_bwd.items()}
 
@@ -273,7 +291,19 @@ def ratios(timings: dict, floor_ms: dict) -> dict:
     out["site/residual"] = {}
     for impl in ("ours", "eager", "compile", "liger"):
         out["site/residual"] |= table(impl, "residual", {impl: ("site", "site")})
+    # Two sites in a row against twice one site: below 1 where the row is cheaper (ours: the
+    # chained backward).
+    out["row/(2*site)"] = {
+        impl: {m: t["row"][m] / (2 * t["site"][m]) for m in MODES if t["site"].get(m)}
+        for impl, t in timings.items() if "row" in t and "site" in t
+    }  # fmt: skip
     return {k: v for k, v in out.items() if v}
+
+
+def _runs(name: str, target: str) -> bool:
+    """The ``row`` target (two sites in a row) is ours alone: the others only repeat their
+    site, and the device check's time is short."""
+    return target != "row" or name == "ours"
 
 
 def bench_shape(impls: dict, args, C: int, device: torch.device, gbps: float, timer: Timer) -> dict:
@@ -290,7 +320,7 @@ def bench_shape(impls: dict, args, C: int, device: torch.device, gbps: float, ti
     for target in TARGETS:  # correctness before timing: a fast but wrong kernel shows up
         ref_outs, ref_grads, _ = run_once(make_case("eager", eager, target, d), device)
         for name, impl in impls.items():
-            if name in ("eager", "residual"):
+            if name in ("eager", "residual") or not _runs(name, target):
                 continue
             try:
                 outs, grads, seconds = run_once(make_case(name, impl, target, d), device)
@@ -307,7 +337,7 @@ def bench_shape(impls: dict, args, C: int, device: torch.device, gbps: float, ti
     res["compile_time_s"] = res["first_call_s"].get("compile", {})
     for name, impl in impls.items():
         for target in ("site",) if name == "residual" else TARGETS:
-            if (name, target) in failed:
+            if (name, target) in failed or not _runs(name, target):
                 continue
             try:
                 samples = time_case(make_case(name, impl, target, d), timer)

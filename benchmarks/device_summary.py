@@ -42,6 +42,7 @@ def site_summary(data: dict | None) -> list[dict] | None:
             "site_fwd_bwd": {pair: r["site"]["fwd_bwd"] for pair, r in ratios.items()
                              if "/" in pair and "site" in r and "fwd_bwd" in r["site"]},
             "site_over_residual": ratios.get("site/residual"),
+            "row_over_two_sites": ratios.get("row/(2*site)"),  # ours: the chained backward
             "worst_rel": {impl: max((c.get("worst_rel", 0.0) for c in t.values()), default=None)
                           for impl, t in shape.get("correctness", {}).items()},
             "errors": shape.get("errors", {}),

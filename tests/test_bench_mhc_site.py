@@ -82,7 +82,7 @@ def test_timings_and_ratios(run):
     assert set(timings["residual"]) == {"site"}
     expected = {"eager/floor", "site/residual"}
     if result["impls"]["ours"]["available"]:
-        expected |= {"ours/floor", "ours/eager"}
+        expected |= {"ours/floor", "ours/eager", "row/(2*site)"}
     assert expected <= ratios.keys()
     for impl, targets in timings.items():
         for target, modes in targets.items():
@@ -92,6 +92,7 @@ def test_timings_and_ratios(run):
         for row, modes in rows.items():
             assert modes and all(_positive_finite(v) for v in modes.values()), (name, row)
     assert set(ratios["eager/floor"]) == {"coefficients", "pre", "post_res", "site"}
+    assert set(timings["eager"]) == set(ratios["eager/floor"])  # the row is ours alone
 
 
 def test_unavailable_implementations_say_why(run):
@@ -101,7 +102,9 @@ def test_unavailable_implementations_say_why(run):
     (shape,) = run[1]["shapes"]
     if _ours_importable():
         assert impls["ours"] == {"available": True}
-        assert set(shape["timings_ms"]["ours"]) == {"coefficients", "pre", "post_res", "site"}
+        assert set(shape["timings_ms"]["ours"]) == {
+            "coefficients", "pre", "post_res", "site", "row"
+        }  # fmt: skip
         # The numerics check ran on every target; its tolerance is the harness's business, but a
         # NaN or a missing grad would mean the check itself is broken.
         for target, report in shape["correctness"]["ours"].items():
