@@ -158,10 +158,18 @@ def test_chaining_needs_the_previous_exit_and_n_at_most_4(chain_calls):
     x.requires_grad_()
     u, _, h_post, h_res, link = kernels.mhc_site_enter(x, fn, base, scale)
     out = kernels.mhc_site_exit(x, u * w, h_post, h_res, link)
-    assert link.produced(out) and not link.produced(out.clone())
+    assert link.produced(out) and link.produced(out.flatten(-2).unflatten(-1, (4, 24)))
+    assert not link.produced(out.clone()) and not link.produced(out.transpose(0, 1))
     u2, *_ = kernels.mhc_site_enter(out.clone(), fn, base, scale, after=link)
     u2.sum().backward()
     assert chain_calls == []
+    # Modified in place after the exit (autograd refuses that with grad on; without, the
+    # version counter moves): not the exit's output any more.
+    u, _, h_post, h_res, link = kernels.mhc_site_enter(x, fn, base, scale)
+    out = kernels.mhc_site_exit(x, u * w, h_post, h_res, link)
+    with torch.no_grad():
+        out.mul_(2.0)
+    assert not link.produced(out)
     # An exit without a graph (no grad) keeps nothing for a chain.
     with torch.no_grad():
         _, _, h_post, h_res, link = kernels.mhc_site_enter(x, fn, base, scale)

@@ -36,6 +36,10 @@ from mhc_megatron.kernels import coefficients as _coef
 from mhc_megatron.kernels import post_res as _post_res
 from mhc_megatron.kernels import pre as _pre
 
+# How many view-like autograd nodes may stand between an exit's output and the next enter's
+# input (in the mHC model: view, make_viewless_tensor, view).
+_VIEW_DEPTH = 8
+
 
 class SiteLink:
     """What the two halves of one site (and the next site's enter) pass each other in backward.
@@ -45,28 +49,43 @@ class SiteLink:
             enter's ``dx`` pass.
         exit_inputs: a callable returning the exit's inputs ``(x [T, n*C], y [T, C],
             h_post [T, n], h_res [T, n, n])`` while its backward has not run, else None.
-        output: ``(data_ptr, shape)`` of the exit's output, so the next enter can check that
-            its input streams are that output.
+        output: ``(data_ptr, shape, version)`` of the exit's output and ``exit_node`` (a weak
+            reference to its autograd node), so the next enter can check that its input
+            streams are that output, unmodified.
         chained: ``(dx, dy, dh_post, dh_res)`` from the next site's chained backward: the
             exit's gradients, valid if its ``dout`` is ``dx``.
     """
 
-    __slots__ = ("dout", "exit_inputs", "output", "chained")
+    __slots__ = ("dout", "exit_inputs", "output", "exit_node", "chained")
 
     def __init__(self):
         self.dout: torch.Tensor | None = None
         self.exit_inputs = None
         self.output: tuple | None = None
+        self.exit_node = None
         self.chained: tuple | None = None
 
     def produced(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is this site's output streams (and the exit kept its inputs)."""
-        return self.exit_inputs is not None and self.output == (x.data_ptr(), tuple(x.shape))
+        """Whether ``x`` is this site's output streams, unmodified: the same memory, shape and
+        version, reached from the exit's autograd node through single-input (view) nodes only,
+        and the exit kept its inputs. Anything else runs unchained."""
+        if self.exit_inputs is None or not x.is_contiguous():
+            return False
+        if self.output != (x.data_ptr(), tuple(x.shape), x._version):
+            return False
+        node, fn = self.exit_node(), x.grad_fn
+        for _ in range(_VIEW_DEPTH):
+            if fn is None or fn is node:
+                return fn is not None
+            parents = [f for f, _ in fn.next_functions if f is not None]
+            fn = parents[0] if len(parents) == 1 else None
+        return False
 
     def take_chained(self, dout: torch.Tensor) -> tuple | None:
         """The exit's ``(dy, dh_post, dh_res)`` from the chained pass if ``dout`` is the ``dx``
         it wrote (the only gradient of the streams), else None; releases both."""
-        chained, self.chained, self.exit_inputs = self.chained, None, None
+        chained, self.chained = self.chained, None
+        self.exit_inputs = self.exit_node = None
         if chained is None:
             return None
         dx = chained[0]
@@ -109,11 +128,11 @@ def enter_backward(x, fn, base, scale, saved, du, g_post, g_res, link, iters, ep
         _dense(g_res, (t, n, n), device=x2.device), n * c, n, iters, eps,
     )  # fmt: skip
     site = (du, h_pre, h_res, dout)
-    exit_inputs = after.exit_inputs if after is not None else None
+    exit_inputs = after.exit_inputs() if after is not None and after.exit_inputs else None
     if exit_inputs is None:
         dx, dfn = _coef._backward_x(x2, fn, dm, rms_coef, n, site)
     else:
-        dx, dfn, *grads = _chain.backward_x_chain(fn, dm, rms_coef, site, exit_inputs(), n)
+        dx, dfn, *grads = _chain.backward_x_chain(fn, dm, rms_coef, site, exit_inputs, n)
         after.chained = (dx, *grads)
     return dx.view(x.shape), dfn, dbase, dscale
 
@@ -139,6 +158,12 @@ def exit_backward(x, y, h_post, h_res, dout, link):
     return dy.view(y.shape), dh_post.view(h_post.shape), dh_res.view(h_res.shape)
 
 
+def _flat_saved(node, t: int, k: int):
+    """The exit inputs ``MHCSiteExitFunction`` saved, as the chained pass takes them."""
+    x, y, h_post, h_res = node.saved_tensors
+    return x.view(t, k), y, h_post, h_res
+
+
 def _dense(g, shape, dtype=torch.float32, device=None):
     """A gradient as a contiguous tensor of ``shape`` (zeros for None; autograd may pass
     expanded stride-0 gradients of sums)."""
@@ -147,19 +172,22 @@ def _dense(g, shape, dtype=torch.float32, device=None):
     return g.reshape(shape).contiguous()
 
 
-def exit_saved(link: SiteLink, inputs, output: torch.Tensor) -> None:
-    """Records on ``link`` how to get an exit's inputs (``inputs()``, valid until the exit's
-    backward) and which tensor is its output, so that the next site can chain to it. Called in
-    the exit's forward; :func:`exit_untracked` undoes it where autograd recorded no graph."""
-    if _chain.chainable(output.shape[-2]):
-        link.exit_inputs, link.output = inputs, (output.data_ptr(), tuple(output.shape))
+def exit_saved(link: SiteLink, ctx, inputs) -> None:
+    """Records on ``link`` the exit's autograd node ``ctx`` (weakly) and how to get its inputs
+    (``inputs(ctx)``, valid until the exit's backward), so that the next site can chain to it.
+    Called in the exit's forward; :func:`exit_returned` completes it."""
+    node = weakref.ref(ctx)  # not the tensors: they stay under autograd's saved-tensor hooks
+    link.exit_node = node
+    link.exit_inputs = lambda: None if node() is None else inputs(node())
 
 
-def exit_untracked(link: SiteLink, output: torch.Tensor) -> None:
-    """Forgets the exit's inputs if its output has no backward (no grad mode, or nothing that
-    requires grad): then nothing can chain to it."""
-    if not output.requires_grad:
-        link.exit_inputs = link.output = None
+def exit_returned(link: SiteLink, output: torch.Tensor) -> None:
+    """Records the exit's output as autograd returned it, or forgets the exit if the output has
+    no backward (no grad mode, nothing requires grad) or cannot chain (n > 4)."""
+    if output.requires_grad and _chain.chainable(output.shape[-2]):
+        link.output = (output.data_ptr(), tuple(output.shape), output._version)
+    else:
+        link.exit_inputs = link.exit_node = link.output = None
 
 
 class MHCSiteEnterFunction(torch.autograd.Function):
@@ -200,15 +228,8 @@ class MHCSiteExitFunction(torch.autograd.Function):
         out = _post_res.post_res_forward(x3, y2, hp, hr)
         ctx.save_for_backward(x3, y2, hp, hr)
         ctx.link, ctx.shapes = link, (x.shape, y.shape, h_post.shape, h_res.shape)
-        out = out.view(x.shape)
-        node = weakref.ref(ctx)  # not the tensors: they stay under autograd's saved-tensor hooks
-
-        def inputs():
-            x_, y_, hp_, hr_ = node().saved_tensors
-            return x_.view(t, n * c), y_, hp_, hr_
-
-        exit_saved(link, inputs, out)
-        return out
+        exit_saved(link, ctx, lambda node: _flat_saved(node, t, n * c))
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, dout):
@@ -282,5 +303,5 @@ def mhc_site_exit(
     """
     _post_res._check_inputs(x, y, h_post, h_res)
     out = MHCSiteExitFunction.apply(x, y, h_post, h_res, link)
-    exit_untracked(link, out)
+    exit_returned(link, out)
     return out

@@ -19,7 +19,6 @@ no block. The rebuilt streams are bitwise the forward's: the same ops on the sam
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
@@ -164,18 +163,17 @@ class _FusedSiteExit(torch.autograd.Function):
     def forward(ctx, x, y, h_post, h_res, block, index):
         ctx.save_for_backward(y, h_post, h_res)
         ctx.block, ctx.index = block, index
-        out = block.post_res(x, y, h_post, h_res)
-        node, (n, c) = weakref.ref(ctx), x.shape[-2:]
+        n, c = x.shape[-2:]
 
-        def inputs():  # for the next site's chained backward (kernels.site)
-            y_, h_post_, h_res_ = node().saved_tensors
+        def inputs(node):  # for the next site's chained backward (kernels.site)
+            y_, h_post_, h_res_ = node.saved_tensors
             return (
                 block.streams(index).reshape(-1, n * c), y_.reshape(-1, c),
                 h_post_.reshape(-1, n), h_res_.reshape(-1, n, n),
             )  # fmt: skip
 
-        block.fused_site.exit_saved(block.links[index], inputs, out)
-        return out
+        block.fused_site.exit_saved(block.links[index], ctx, inputs)
+        return block.post_res(x, y, h_post, h_res)
 
     @staticmethod
     def backward(ctx, dout):
@@ -221,7 +219,7 @@ def exit_site(block: StreamBlock, x, y, h_post, h_res, index: int) -> torch.Tens
     assert recorded == index, "sites of a block must be entered and left in order"
     if block.fused_site is not None:
         out = _FusedSiteExit.apply(x, y, h_post, h_res, block, index)
-        block.fused_site.exit_untracked(block.links[index], out)
+        block.fused_site.exit_returned(block.links[index], out)
         return out
     return _SiteExit.apply(x, y, h_post, h_res, block.post_res, block, index)
 
