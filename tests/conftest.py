@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 # initialised. On a machine with a GPU the kernel tests initialise it, so there these modules
 # run in a child pytest with the GPU hidden (tests/test_cpu_mode_modules.py); on a CPU-only
 # machine they run here.
-CPU_MODE_MODULES = ("test_mhc_model.py",)
+CPU_MODE_MODULES = ("test_mhc_model.py", "test_grouped_experts.py")
 CPU_MODE_CHILD = "MHC_TESTS_CPU_MODE_CHILD"  # set in that child
 
 

@@ -92,3 +92,30 @@ def test_missing_data_path_is_a_clear_error(tmp_path):
     text = _run(1, args, tmp_path / "missing.log", expect_ok=False)
     assert str(missing) in text and ".bin" in text and "Error" in text
     assert "iteration        1/" not in text
+
+
+def test_checkpoints_switch_between_grouped_and_sequential_experts(tmp_path):
+    """--moe-grouped-gemm (GroupedGemmMLP without TransformerEngine) keeps SequentialMLP's
+    checkpoint layout: a run switches expert module and expert-parallel size at a resume, both
+    ways, and continues the uninterrupted run's loss curve (float32 rounding)."""
+    ep2 = ["--expert-model-parallel-size", "2"]
+    common = [*TINY_MOE, "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
+              "--ckpt-format", "torch_dist",
+              "--train-iters", "4"]  # fmt: skip
+    reference = losses(_run(2, [*common, *ep2], tmp_path / "reference.log"))
+    first, second = tmp_path / "sequential_ep2", tmp_path / "grouped_ep1"
+    # iterations 1-2: SequentialMLP with EP 2; 3: grouped, EP 1; 4: SequentialMLP, EP 2.
+    steps = [
+        ([*ep2, "--save", str(first), "--save-interval", "2", "--exit-interval", "2"], [1, 2]),
+        (["--moe-grouped-gemm", "--load", str(first), "--save", str(second),
+          "--save-interval", "3", "--exit-interval", "3"], [3]),
+        ([*ep2, "--load", str(second)], [4]),
+    ]  # fmt: skip
+    resumed = {}
+    for index, (extra, iterations) in enumerate(steps):
+        logged = losses(_run(2, [*common, *extra], tmp_path / f"step{index}.log"))
+        assert sorted(logged) == iterations
+        resumed |= logged
+    assert reference.keys() == resumed.keys() == {1, 2, 3, 4}
+    for iteration, loss in reference.items():
+        assert resumed[iteration] == pytest.approx(loss, rel=1e-5), (iteration, resumed, reference)

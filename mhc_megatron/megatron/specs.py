@@ -11,6 +11,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from mhc_megatron.megatron.attention import use_local_mla_core_attention
 from mhc_megatron.megatron.block import MHCFinalNorm
 from mhc_megatron.megatron.config import MHCConfigError, MHCTransformerConfig
+from mhc_megatron.megatron.experts import use_grouped_gemm_experts
 from mhc_megatron.megatron.layer import MHCTransformerLayer, get_bias_dropout
 
 
@@ -73,6 +74,11 @@ def get_mhc_decoder_block_spec(
         block.layer_specs = [copy.deepcopy(spec) for spec in block.layer_specs]
         for spec in block.layer_specs:
             use_local_mla_core_attention(spec)
+    if config.moe_grouped_gemm and not use_te:
+        # Megatron's local spec runs SequentialMLP even with --moe-grouped-gemm (experts.py).
+        block.layer_specs = [copy.deepcopy(spec) for spec in block.layer_specs]
+        for spec in block.layer_specs:
+            use_grouped_gemm_experts(spec)
     if not config.mhc_enabled:
         return block
     return TransformerBlockSubmodules(

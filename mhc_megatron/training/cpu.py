@@ -23,6 +23,10 @@ torch.cuda entry points Megatron calls (replaced on ``torch.cuda``):
     (``tensor_parallel/random.py:303-306,490``, ``rerun_state_machine.py:979``,
     ``training/checkpointing.py:417``). On CPU the CPU generator plays the CUDA generator's
     part: dropout draws from it, and the model-parallel RNG tracker forks it.
+    ``get_device_capability`` -> (8, 0): ``training/arguments.py:1338-1340`` asks for it only
+    to refuse ``--moe-grouped-gemm`` below Ampere; on CPU the experts' grouped GEMM is torch's
+    (``megatron/experts.py``), which runs there. Nothing else on the CPU path calls it (it
+    raised before this patch).
 
 ``device="cuda"`` literals and ``.cuda()`` (:class:`_CudaToCpuMode`, a ``TorchFunctionMode``):
     Megatron creates tensors with ``device='cuda'`` / ``.cuda()`` in about 40 places on the
@@ -307,6 +311,7 @@ def _patch_torch_cuda() -> None:
     _patch(cuda, "current_stream", lambda device=None: _CURRENT_STREAM)
     _patch(cuda, "default_stream", lambda device=None: _CURRENT_STREAM)
     _patch(cuda, "stream", _stream_context)
+    _patch(cuda, "get_device_capability", lambda device=None: (8, 0))
     _patch(cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
     _patch(cuda, "set_rng_state", lambda new_state, device="cuda": torch.set_rng_state(new_state))
     _patch(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
