@@ -64,9 +64,10 @@ if [[ "${CPU:-}" == 1 ]]; then
     --cpu --transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion
     --no-masked-softmax-fusion --no-bias-dropout-fusion --no-rope-fusion --no-bias-swiglu-fusion
   )
-  # The grouped GEMM and bf16 of the GPU recipes have no CPU kernels.
+  # bf16 has no CPU kernels here; --moe-grouped-gemm stays: without TransformerEngine the
+  # experts run torch's grouped GEMM, which CPUs have too (mhc_megatron/megatron/experts.py).
   KEEP=(); for a in "${TRAIN_ARGS[@]}"; do
-    [[ "$a" == --moe-grouped-gemm || "$a" == --bf16 ]] || KEEP+=("$a")
+    [[ "$a" == --bf16 ]] || KEEP+=("$a")
   done; TRAIN_ARGS=("${KEEP[@]}")
   NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
