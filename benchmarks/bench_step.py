@@ -146,6 +146,7 @@ def build_model(args, overrides: dict, device: torch.device) -> torch.nn.Module:
         moe_shared_expert_intermediate_size=args.shared * args.moe_ffn,
         moe_token_dispatcher_type="alltoall",
         moe_layer_freq=layer_freq(args),
+        moe_grouped_gemm=True,  # no TE here: GroupedGemmMLP (torch grouped_mm), not a loop
         mhc_num_streams=args.streams, mhc_sinkhorn_iters=SINKHORN_ITERS, mhc_eps=EPS,
         **overrides,
     )  # fmt: skip
