@@ -52,8 +52,8 @@ class SiteLink:
         output: ``(data_ptr, shape, version)`` of the exit's output and ``exit_node`` (a weak
             reference to its autograd node), so the next enter can check that its input
             streams are that output, unmodified.
-        chained: ``(dx, dy, dh_post, dh_res)`` from the next site's chained backward: the
-            exit's gradients, valid if its ``dout`` is ``dx``.
+        chained: ``(dx, dx's version, dy, dh_post, dh_res)`` from the next site's chained
+            backward: the exit's gradients, valid if its ``dout`` is ``dx``, unmodified.
     """
 
     __slots__ = ("dout", "exit_inputs", "output", "exit_node", "chained")
@@ -88,9 +88,11 @@ class SiteLink:
         self.exit_inputs = self.exit_node = None
         if chained is None:
             return None
-        dx = chained[0]
+        dx, version, *grads = chained
+        # Same memory and untouched since the chained pass wrote it: autograd adds another
+        # consumer's gradient into a new tensor, or in place (which moves the version).
         same = dout.data_ptr() == dx.data_ptr() and dout.numel() == dx.numel()
-        return chained[1:] if same and dout.is_contiguous() else None
+        return tuple(grads) if same and dout._version == version and dout.is_contiguous() else None
 
 
 def enter_forward(x2, fn, base, scale, n, iters, eps):
@@ -133,7 +135,7 @@ def enter_backward(x, fn, base, scale, saved, du, g_post, g_res, link, iters, ep
         dx, dfn = _coef._backward_x(x2, fn, dm, rms_coef, n, site)
     else:
         dx, dfn, *grads = _chain.backward_x_chain(fn, dm, rms_coef, site, exit_inputs, n)
-        after.chained = (dx, *grads)
+        after.chained = (dx, dx._version, *grads)
     return dx.view(x.shape), dfn, dbase, dscale
 
 
