@@ -177,3 +177,17 @@ def test_mhc_model_with_grouped_gemm_experts_trains_like_sequential():
         torch.testing.assert_close(
             grads[name], expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item(), msg=name
         )
+
+
+def test_expanded_output_gradient():
+    """A ``sum()`` loss hands the experts a stride-0 gradient, which grouped_mm's backward
+    refuses; the grouped linears make it contiguous first."""
+    sequential, grouped = _experts(torch.float32)
+    grads = []
+    for experts in (sequential, grouped):
+        x = torch.randn(sum(TOKENS_PER_EXPERT), HIDDEN, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_()
+        probs = torch.full((x.shape[0],), 0.5)
+        experts(x, torch.tensor(TOKENS_PER_EXPERT), probs)[0].sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6 * grads[0].abs().max())

@@ -30,17 +30,9 @@ def grouped_mm_available() -> bool:
     return hasattr(torch.nn.functional, "grouped_mm")
 
 
-class _GradContiguous(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient: grouped_mm's backward refuses
-    expanded ones (a ``sum()`` loss gives a stride-0 gradient)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
+def _contiguous(grad: torch.Tensor) -> torch.Tensor:
+    """grouped_mm's backward refuses expanded gradients (a ``sum()`` loss gives stride 0)."""
+    return grad.contiguous()
 
 
 class _GroupedLinear(torch.nn.Module):
@@ -72,7 +64,8 @@ class _GroupedLinear(torch.nn.Module):
         """
         weight = self._stacked("weight")  # [E, out, in]
         out = torch.nn.functional.grouped_mm(x, weight.transpose(1, 2), offs=self.offsets)
-        out = _GradContiguous.apply(out)
+        if out.requires_grad:
+            out.register_hook(_contiguous)
         bias = self._stacked("bias")
         if bias is None:
             return out, None
