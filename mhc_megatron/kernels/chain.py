@@ -162,11 +162,11 @@ def backward_x_chain(fn, dm, rms_coef, site, chain, n):
     splits, per_split = _token_splits(t, bt, c_blocks, x_a.device)
     dx = torch.empty_like(x_a)
     dy = torch.empty_like(y_a)
+    if t == 0:  # nothing to sum: every gradient is empty or zero
+        dh_post, dh_res = torch.zeros(0, n, **f32), torch.zeros(0, n, n, **f32)
+        return dx, torch.zeros(rows, k, **f32), dy, dh_post, dh_res
     part_fn = torch.empty(splits, rows, k, **f32)
     part_post, part_res = torch.empty(c_blocks, t, n, **f32), torch.empty(c_blocks, t, n, n, **f32)
-    if t == 0:
-        zero = torch.zeros(rows, k, **f32)
-        return dx, zero, dy, torch.zeros(0, n, **f32), torch.zeros(0, n, n, **f32)
     exact = x_a.dtype != torch.float32
     _bwd_x_chain_kernel[(c_blocks, splits)](
         fn, dm, rms_coef, du, h_pre, h_res, x_a if dout is None else dout, dx, part_fn, x_a, y_a,

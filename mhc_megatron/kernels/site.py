@@ -139,6 +139,18 @@ def enter_backward(x, fn, base, scale, saved, du, g_post, g_res, link, iters, ep
     return dx.view(x.shape), dfn, dbase, dscale
 
 
+def chained_exit_backward(link: SiteLink, dout: torch.Tensor, shapes) -> tuple | None:
+    """An exit's ``(dy, dh_post, dh_res)`` in ``shapes`` (those of ``y``, ``h_post``,
+    ``h_res``) if the next site's chained pass computed them for this ``dout``
+    (:meth:`SiteLink.take_chained`), with ``dout`` left on ``link`` for the enter's ``dx``
+    pass; None if the exit must run its own backward."""
+    chained = link.take_chained(dout)
+    if chained is None:
+        return None
+    link.dout = dout.reshape(-1, math.prod(dout.shape[-2:]))
+    return tuple(g.view(shape) for g, shape in zip(chained, shapes, strict=True))
+
+
 def exit_backward(x, y, h_post, h_res, dout, link):
     """``(dy, dh_post, dh_res)`` in the shapes of ``y``, ``h_post``, ``h_res``; ``dout`` goes
     on ``link`` for the enter's backward, which writes ``dx``.
@@ -235,12 +247,9 @@ class MHCSiteExitFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        chained = ctx.link.take_chained(dout)
+        chained = chained_exit_backward(ctx.link, dout, ctx.shapes[1:])
         if chained is not None:
-            ctx.link.dout = dout.view(-1, math.prod(dout.shape[-2:]))
-            dy, dh_post, dh_res = chained
-            y_shape, post_shape, res_shape = ctx.shapes[1:]
-            return None, dy.view(y_shape), dh_post.view(post_shape), dh_res.view(res_shape), None
+            return None, *chained, None
         views = [t.view(shape) for t, shape in zip(ctx.saved_tensors, ctx.shapes, strict=True)]
         dy, dh_post, dh_res = exit_backward(*views, dout, ctx.link)
         # No gradient for x here: the enter's backward writes all of it, this dout included.

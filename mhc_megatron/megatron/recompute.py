@@ -178,12 +178,10 @@ class _FusedSiteExit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         block = ctx.block
-        link = block.links[ctx.index]
-        chained = link.take_chained(dout)
+        shapes = [t.shape for t in ctx.saved_tensors]
+        chained = block.fused_site.chained_exit_backward(block.links[ctx.index], dout, shapes)
         if chained is not None:  # the next site's backward did this one's: nothing to rebuild
-            link.dout = dout.reshape(-1, math.prod(dout.shape[-2:]))
-            grads = (g.view(t.shape) for g, t in zip(chained, ctx.saved_tensors, strict=True))
-            return None, *grads, None, None
+            return None, *chained, None, None
         y, h_post, h_res = ctx.saved_tensors
         dy, dh_post, dh_res = block.fused_site.exit_backward(
             block.streams(ctx.index), y, h_post, h_res, dout, block.links[ctx.index]
