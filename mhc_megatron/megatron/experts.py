@@ -123,9 +123,11 @@ class GroupedGemmMLP(SequentialMLP):
             probs = torch.ones_like(probs)
         counts = tokens_per_expert.to(device=x.device, dtype=torch.int64)
         offsets = torch.cumsum(counts, 0).to(torch.int32)
-        expert_of_row = torch.repeat_interleave(
-            torch.arange(len(counts), device=x.device), counts, output_size=x.shape[0]
-        )
+        expert_of_row = None  # only biases need each row's expert
+        if self.config.add_bias_linear:
+            expert_of_row = torch.repeat_interleave(
+                torch.arange(len(counts), device=x.device), counts, output_size=x.shape[0]
+            )
         for linear in (self._fc1, self._fc2):
             linear.offsets, linear.expert_of_row, linear.scale = offsets, expert_of_row, probs
         try:
