@@ -74,6 +74,8 @@ def make_inputs(shape: dict, tokens: int, dtype, device, seed: int = 0) -> dict:
 
 
 def run_once(experts, d: dict) -> dict:
+    from mhc_megatron.megatron.experts import stack_sequential_state
+
     x = d["x"].detach().requires_grad_()
     probs = d["probs"].detach().requires_grad_()
     for p in experts.parameters():
@@ -81,10 +83,13 @@ def run_once(experts, d: dict) -> dict:
     out, _ = experts(x, d["tokens_per_expert"], probs)
     out.backward(d["grad"])
     grads = {name: p.grad for name, p in experts.named_parameters()}
+    # SequentialMLP's per-expert gradients under GroupedGemmMLP's stacked names.
+    stack_sequential_state(grads, "", experts.num_local_experts)
     return {"out": out.detach(), "d_x": x.grad, "d_probs": probs.grad, **grads}
 
 
 def compare(got: dict, want: dict) -> float:
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
     worst = 0.0
     for key, ref in want.items():
         diff = (got[key].float() - ref.float()).abs().max().item()

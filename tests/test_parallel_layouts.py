@@ -105,6 +105,18 @@ LAYOUTS = {
         ],
     ),
     "tp2_sp_ep2_mhc_recompute_2": (4, [*TP2, *SP, *EP2, *ALLTOALL, "--mhc-recompute", "2"]),
+    # Grouped-GEMM experts (--moe-grouped-gemm without TE: GroupedGemmMLP) load the initial
+    # SequentialMLP checkpoint and train the same: under expert TP + SP + EP with stream
+    # recompute, and with the allgather dispatcher and Megatron's moe_act recompute.
+    "tp2_sp_ep2_grouped_mhc_recompute_2": (
+        4,
+        [*TP2, *SP, *EP2, *ALLTOALL, "--moe-grouped-gemm", "--mhc-recompute", "2"],
+    ),
+    "ep2_allgather_grouped_moe_act": (
+        2,
+        [*EP2, *ALLGATHER, "--moe-grouped-gemm", "--recompute-granularity", "selective",
+         "--recompute-modules", "moe_act"],
+    ),  # fmt: skip
     # Megatron's full recompute re-runs whole mHC layers; with --mhc-recompute inside it too.
     "full_recompute_uniform": (
         1,
@@ -132,7 +144,7 @@ LAYOUTS = {
     ),
 }
 # Layouts that also save at iteration 3, for the cross-layout resume tests.
-SAVING_LAYOUTS = ("tp2_pp2", "ep2_alltoall")
+SAVING_LAYOUTS = ("tp2_pp2", "ep2_alltoall", "tp2_sp_ep2_grouped_mhc_recompute_2")
 
 REPLICA_RE = re.compile(r"mhc tp replicas: (\d+) tensors on (\d+) ranks, max \|difference\| (\S+)")
 
@@ -273,6 +285,8 @@ def test_layout_trains_the_single_rank_model(name, moe, layout_runs):
     _assert_same_training(run, reference)
     if "mhc_recompute" in name:
         assert "mHC recompute: blocks of" in run.text
+    experts = "GroupedGemmMLP" if "grouped" in name else "SequentialMLP"
+    assert f"MoE experts: {experts}, " in run.text
     # The diagnostics see every site, gathered over pipeline stages, at steps 2 and 4.
     assert run.diagnostics.keys() == reference.diagnostics.keys()
     assert len([t for t in reference.diagnostics if t.startswith(COMPOSITE_TAG)]) == 8
@@ -316,6 +330,8 @@ def test_resume_in_the_same_layout_is_bitwise(moe):
         ("tp2_pp2", "ep2_alltoall"),
         ("single_rank", "tp2_pp2"),
         ("ep2_alltoall", "tp2_pp2"),
+        # grouped-GEMM experts' checkpoint into SequentialMLP, from EP2 + ETP2 to one rank
+        ("tp2_sp_ep2_grouped_mhc_recompute_2", "single_rank"),
     ],
 )
 def test_checkpoint_resumes_in_another_layout(saved_by, resumed_as, moe, layout_runs):

@@ -119,3 +119,33 @@ def test_checkpoints_switch_between_grouped_and_sequential_experts(tmp_path):
     assert reference.keys() == resumed.keys() == {1, 2, 3, 4}
     for iteration, loss in reference.items():
         assert resumed[iteration] == pytest.approx(loss, rel=1e-5), (iteration, resumed, reference)
+
+
+def test_tiny_example_trains_the_same_with_grouped_gemm_experts(tmp_path):
+    """examples/tiny/train.sh with --moe-grouped-gemm (GroupedGemmMLP) logs the same losses as
+    the example as it stands (SequentialMLP): same initial weights, float32 rounding apart."""
+    import os
+    import shutil
+
+    runs = {}
+    for name, extra in (("sequential", []), ("grouped", ["--moe-grouped-gemm"])):
+        out_dir = tmp_path / name
+        if runs:  # the corpus the first run tokenized
+            shutil.copytree(tmp_path / "sequential" / "data", out_dir / "data")
+        env = {**os.environ, "OUT_DIR": str(out_dir), "TRAIN_ITERS": "6"}
+        env.pop("TRITON_INTERPRET", None)
+        proc = subprocess.run(
+            [str(REPO_ROOT / "examples" / "tiny" / "train.sh"), "--log-interval", "1",
+             "--eval-iters", "0", "--save-interval", "1000", *extra],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        text = proc.stdout + proc.stderr
+        assert proc.returncode == 0, text[-4000:]
+        kind = "GroupedGemmMLP" if extra else "SequentialMLP"
+        assert f"MoE experts: {kind}, " in text
+        runs[name] = losses(text)
+    assert sorted(runs["sequential"]) == list(range(1, 7))
+    assert runs["grouped"].keys() == runs["sequential"].keys()
+    for iteration, loss in runs["sequential"].items():
+        # Logged to 6 decimals; the expert GEMMs add in another order: float32 rounding.
+        assert runs["grouped"][iteration] == pytest.approx(loss, rel=1e-5), iteration

@@ -65,6 +65,7 @@ class MHCGPTModelBuilder(GPTModelBuilder):
         model = super().build_model(pg_collection, pre_process, post_process, vp_stage)
         if transformer.num_moe_experts:
             mark_expert_parameters(model)
+            _log_expert_module(model)
         if transformer.mhc_enabled:
             if transformer.mhc_recompute_layers is not None:
                 _log_recompute_blocks(transformer, len(model.decoder.layers), vp_stage)
@@ -87,6 +88,19 @@ def _log_recompute_blocks(config: MHCTransformerConfig, stage_layers: int, vp_st
         f"{optimal_block_layers(n, stage_layers):.1f} for n={n}, L={stage_layers} "
         f"({optimal_block_layers(n, config.num_layers):.1f} for all {config.num_layers} layers)"
     )
+
+
+def _log_expert_module(model: torch.nn.Module) -> None:
+    """Logs which module runs the routed experts (the GEMM path decides the MoE step time)."""
+    for name, module in model.named_modules():
+        if name.endswith("mlp.experts"):
+            kind = type(module).__name__
+            hint = {
+                "SequentialMLP": "; --moe-grouped-gemm runs them as grouped GEMMs",
+                "GroupedGemmMLP": ", torch grouped_mm on stacked weights",
+            }.get(kind, "")
+            logger.info(f"MoE experts: {kind}, {module.num_local_experts} local per layer{hint}")
+            return
 
 
 def mark_expert_parameters(model: torch.nn.Module) -> None:
