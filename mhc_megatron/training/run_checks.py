@@ -21,6 +21,10 @@ process group exists, so nothing hangs and nothing is written.
   token ids are below the vocabulary, and no split with a non-zero weight gets zero documents
   (Megatron's GPTDataset loops forever on an empty split). :func:`check_batch_token_ids` does
   the token check again on every batch ``get_batch`` reads.
+- :func:`check_optimizer_state_layout`: the distributed optimizer's default checkpoint format
+  stores its state in parameter order, without names; resuming it with another expert module
+  (``--moe-grouped-gemm`` on or off) would put the experts' Adam state on the wrong weights, and
+  a TP/PP/EP change fails deep inside Megatron's loader.
 - :class:`RunLock`: an exclusive ``flock`` on ``<save>/mhc_run.lock`` held by rank 0 for the
   life of the run; a second run on the same directory is refused with the first one's host and
   pid. The lock goes with the process (a killed run leaves nothing to clean up).
@@ -375,6 +379,85 @@ def adopt_checkpoint_vocab(ckpt_args, args) -> str | None:
     )
 
 
+def expert_module(args) -> str | None:
+    """The module that holds the routed experts' parameters (None for a dense model).
+
+    The distributed optimizer's default checkpoint format keeps its state in the order of the
+    parameters, which differs between these modules (one parameter per expert and projection,
+    per-expert parameters of one grouped linear, or one stacked parameter per projection).
+    """
+    if not getattr(args, "num_experts", None):
+        return None
+    if not getattr(args, "moe_grouped_gemm", False):
+        return "SequentialMLP"
+    if getattr(args, "transformer_impl", "transformer_engine") == "local":
+        return "GroupedGemmMLP"
+    return "TEGroupedMLP"
+
+
+# Layout settings a dp_reshardable distributed-optimizer state cannot change (it re-shards over
+# data parallelism only): its buffers hold this rank's parameters, in order, by these splits.
+_DP_RESHARDABLE_LAYOUT = {
+    "tensor_model_parallel_size": "--tensor-model-parallel-size",
+    "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
+    "virtual_pipeline_model_parallel_size": "--num-layers-per-virtual-pipeline-stage",
+    "expert_model_parallel_size": "--expert-model-parallel-size",
+    "expert_tensor_parallel_size": "--expert-tensor-parallel-size",
+}
+
+
+def check_optimizer_state_layout(info: CheckpointInfo, ckpt_args, args) -> None:
+    """Refuses to load a ``dp_reshardable`` distributed-optimizer state into another layout.
+
+    That format (Megatron's default with ``--use-distributed-optimizer``) stores the optimizer
+    state as flat buffers in parameter order and loads them without looking at names. After a
+    switch between SequentialMLP and grouped experts, every Adam moment (and fp32 master
+    weight) of the experts lands on another weight and the run goes on with a wrong loss curve;
+    after a TP/PP/EP change the load fails deep in Megatron with a shape mismatch.
+
+    Raises:
+        RunCheckError: what differs and what to pass.
+    """
+    if not getattr(ckpt_args, "use_distributed_optimizer", False):
+        return
+    if getattr(ckpt_args, "dist_ckpt_optim_fully_reshardable", False):
+        return  # saved in model space, by sharded keys: any layout loads it
+    if getattr(args, "no_load_optim", False) or getattr(args, "finetune", False):
+        return
+    changes = []
+    theirs, ours = expert_module(ckpt_args), expert_module(args)
+    if None not in (theirs, ours) and theirs != ours:
+        fixes = []
+        if ckpt_args.moe_grouped_gemm != getattr(args, "moe_grouped_gemm", False):
+            fixes.append("pass --moe-grouped-gemm" if ckpt_args.moe_grouped_gemm
+                         else "drop --moe-grouped-gemm")  # fmt: skip
+        impl = getattr(ckpt_args, "transformer_impl", None)
+        if impl is not None and impl != getattr(args, "transformer_impl", None):
+            fixes.append(f"pass --transformer-impl {impl}")
+        changes.append(
+            f"  experts: checkpoint {theirs}, this run {ours} (their parameters come in another "
+            f"order: the optimizer state would land on the wrong weights)  {' and '.join(fixes)}"
+        )
+    for name, flag in _DP_RESHARDABLE_LAYOUT.items():
+        if not (hasattr(ckpt_args, name) and hasattr(args, name)):
+            continue
+        saved, now = getattr(ckpt_args, name), getattr(args, name)
+        if saved != now:
+            changes.append(f"  {name}: checkpoint {saved}, this run {now}  (pass {flag} to match)")
+    if changes:
+        raise RunCheckError(
+            "\n".join([
+                f"the checkpoint in {info.load_dir} (iteration {info.iteration}) holds the "
+                "distributed optimizer's state in its default format (dp_reshardable), which "
+                "re-shards over data parallelism only; this run differs in:",
+                *changes,
+                "Resume with the checkpoint's settings, or pass --no-load-optim to start the "
+                "optimizer state afresh. To change these at a resume, save with "
+                "--dist-ckpt-optim-fully-reshardable.",
+            ])
+        )  # fmt: skip
+
+
 def describe_differences(info: CheckpointInfo, differences, args, actions) -> str:
     """The refusal message: each differing setting, both values and what to pass."""
     lines = [
@@ -695,6 +778,7 @@ def check_run(args, vocab_size: int | None) -> list[str]:
             note = adopt_checkpoint_vocab(ckpt_args, args)
             if note:
                 notes.append(note)
+            check_optimizer_state_layout(info, ckpt_args, args)
             differences = model_differences(ckpt_args, args)
             if differences and not args.allow_checkpoint_model_change:
                 raise RunCheckError(describe_differences(info, differences, args, parser_actions()))
