@@ -26,6 +26,7 @@ if str(REPO) not in sys.path:
 from benchmarks.harness import Timer, device_meta, init_single_rank, write_result  # noqa: E402
 
 SHAPES = {
+    "tiny": dict(experts=8, hidden=64, ffn=32),  # the CPU dry run of device_check.sh
     "3b": dict(experts=64, hidden=1280, ffn=896),
     "27b": dict(experts=72, hidden=2560, ffn=1536),
 }
@@ -33,14 +34,17 @@ TOPK = 6
 MODES = ("fwd", "bwd", "fwd_bwd")
 
 
-def build(shape: dict, dtype: torch.dtype):
-    """``(sequential, grouped)`` experts with the same weights."""
+def build(shape: dict, dtype: torch.dtype, device: torch.device):
+    """``(sequential, grouped)`` experts with the same weights, on ``device``."""
     import torch.nn.functional as F
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
     from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from mhc_megatron.megatron.experts import GroupedGemmMLP
+
+    model_parallel_cuda_manual_seed(1234)  # the expert-parallel RNG that GPU init draws from
 
     config = TransformerConfig(
         num_layers=1, hidden_size=shape["hidden"], num_attention_heads=16,
@@ -48,7 +52,9 @@ def build(shape: dict, dtype: torch.dtype):
         ffn_hidden_size=shape["ffn"], moe_router_topk=TOPK, gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, bias_activation_fusion=False,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, transformer_impl="local",
-        gradient_accumulation_fusion=False, use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        # On a GPU the weights are drawn there: 72 experts at 27B are 850M numbers.
+        use_cpu_initialization=device.type == "cpu",
     )  # fmt: skip
     pg = ProcessGroupCollection.use_mpu_process_groups()
     layer = get_gpt_layer_local_submodules(num_experts=shape["experts"]).mlp
@@ -148,7 +154,7 @@ def main(argv=None) -> dict:
     }
     for name in args.shapes.split(","):
         shape = SHAPES[name]
-        sequential, grouped = (m.to(device) for m in build(shape, dtype))
+        sequential, grouped = (m.to(device) for m in build(shape, dtype, device))
         d = make_inputs(shape, args.tokens, dtype, device)
         worst = compare(run_once(grouped, d), run_once(sequential, d))
         timings = {"sequential": time_modes(sequential, d, timer),

@@ -12,8 +12,11 @@
 #                 eager, Liger-Kernel, the residual add and the memory floor
 #   mhc_site_compile  the same at C = 2560 against torch.compile
 #   step          benchmarks/bench_step.py at the 27B layer shape
-#   pretrain_*    20 bf16 steps of pretrain_mhc.py on one GPU, mHC and the residual baseline
-# Everything lands in $OUT (default out/device_check), seven files (the device tool brings back
+#   experts       benchmarks/bench_experts.py: grouped-GEMM experts against SequentialMLP at the
+#                 3B and 27B expert shapes
+#   pretrain_*    20 bf16 steps of pretrain_mhc.py on one GPU (grouped-GEMM experts), mHC and
+#                 the residual baseline
+# Everything lands in $OUT (default out/device_check), eight files (the device tool brings back
 # eight at most): device_check.json, the summary with the ratios (benchmarks/device_summary.py);
 # each benchmark's JSON; environment.json; stages.jsonl; logs.tar.gz, every stage's log.
 #
@@ -35,7 +38,7 @@ for arg in "$@"; do
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d "$WHEELS" megatron-core==0.19.2 liger-kernel==0.8.5
       exit $? ;;
-    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "error: unknown argument '$arg' (use --dry-run, --fetch-wheels or --help)" >&2; exit 2 ;;
   esac
 done
@@ -86,7 +89,7 @@ TRAIN=(
   --lr-decay-style cosine --lr-warmup-iters 1 --weight-decay 0.1 --clip-grad 1.0
   --init-method-std 0.02 --log-interval 1 --eval-iters 0 --eval-interval 1000 --mock-data
   --tokenizer-type NullTokenizer --attention-dropout 0.0 --hidden-dropout 0.0 --seed 1234
-  --mhc-num-streams 4
+  --mhc-num-streams 4 --moe-grouped-gemm
 )
 if [[ $DRY_RUN == 1 ]]; then
   KERNEL_TESTS=(--collect-only)  # collected, not run: the interpreter would take minutes
@@ -94,13 +97,15 @@ if [[ $DRY_RUN == 1 ]]; then
     --warmup 0 --out "$OUT/mhc_site.json")
   STEP_ARGS=(--device cpu --configs residual,mhc_triton --iters 1 --warmup 0 --site-iters 1
     --out "$OUT/step.json")
+  EXPERTS_ARGS=(--device cpu --shapes tiny --tokens 32 --iters 1 --warmup 0
+    --out "$OUT/experts.json")
   TRAIN+=(--cpu --num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 128
     --num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 64 --seq-length 64
     --max-position-embeddings 64 --micro-batch-size 2 --global-batch-size 2 --train-iters 2
     --vocab-size 257 --mhc-backend torch)
   COMPILE_ARGS=(--device cpu --impls ours,residual --hidden 16 --tokens 32 --iters 1 --warmup 0
     --out "$OUT/mhc_site_compile.json")  # torch.compile on CPU would take minutes: ours stands in
-  LIMITS=(600 600 600 600 600)  # kernel tests, site, site with torch.compile, step, each run
+  LIMITS=(600 600 600 600 600 600)  # kernel tests, site, compile, step, each run, experts
 else
   KERNEL_TESTS=()
   SITE_ARGS=(--hidden 2560 7168 --tokens 16384 --impls ours,eager,liger,residual --iters 20
@@ -110,12 +115,13 @@ else
   COMPILE_ARGS=(--hidden 2560 --tokens 16384 --impls ours,compile,residual --iters 20 --warmup 5
     --out "$OUT/mhc_site_compile.json")
   STEP_ARGS=(--out "$OUT/step.json")
+  EXPERTS_ARGS=(--iters 10 --warmup 2 --out "$OUT/experts.json")
   TRAIN+=(--bf16 --num-layers 8 --hidden-size 2048 --num-attention-heads 16
     --ffn-hidden-size 5632 --num-experts 16 --moe-router-topk 4 --moe-ffn-hidden-size 1024
     --seq-length 4096 --max-position-embeddings 4096 --micro-batch-size 1
     --global-batch-size 2 --train-iters 20 --vocab-size 32000 --mhc-backend triton)
-  # 110 + 80 + 80 + 90 + 2 * 55 = 470 s at most: the whole check fits in 8 minutes.
-  LIMITS=(110 80 80 90 55)
+  # 110 + 80 + 80 + 90 + 2 * 55 + 40 = 510 s at most: the whole check fits in 9 minutes.
+  LIMITS=(110 80 80 90 55 40)
 fi
 
 "$PYTHON" - >"$OUT/environment.json" 2>&1 <<'EOF'
@@ -134,6 +140,7 @@ stage kernel_tests "${LIMITS[0]}" "$PYTHON" -m pytest -q -p no:cacheprovider "${
 stage mhc_site "${LIMITS[1]}" "$PYTHON" benchmarks/bench_mhc_site.py "${SITE_ARGS[@]}"
 stage mhc_site_compile "${LIMITS[2]}" "$PYTHON" benchmarks/bench_mhc_site.py "${COMPILE_ARGS[@]}"
 stage step "${LIMITS[3]}" "$PYTHON" benchmarks/bench_step.py "${STEP_ARGS[@]}"
+stage experts "${LIMITS[5]}" "$PYTHON" benchmarks/bench_experts.py "${EXPERTS_ARGS[@]}"
 for variant in mhc residual; do
   PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
   stage "pretrain_$variant" "${LIMITS[4]}" "$PYTHON" -m torch.distributed.run --nproc-per-node 1 \

@@ -1,11 +1,11 @@
 """Summary of one ``benchmarks/device_check.sh`` run: ``$OUT/device_check.json``.
 
 Reads what the stages left in the output folder (``stages.jsonl``, ``environment.json``,
-``mhc_site.json``, ``mhc_site_compile.json``, ``step.json``, ``logs/pretrain_*.log``) and keeps
-the numbers a closing note quotes: per stage its exit status and seconds; the site's time over
-the memory floor and over eager / torch.compile / Liger, with the correctness check; the step
-ratios and mHC's share of a 40%-MFU step; the training runs' losses and median time per step,
-mHC over residual.
+``mhc_site.json``, ``mhc_site_compile.json``, ``step.json``, ``experts.json``,
+``logs/pretrain_*.log``) and keeps the numbers a closing note quotes: per stage its exit status
+and seconds; the site's time over the memory floor and over eager / torch.compile / Liger, with
+the correctness check; the step ratios and mHC's share of a 40%-MFU step; grouped over
+sequential experts; the training runs' losses and median time per step, mHC over residual.
 
     python benchmarks/device_summary.py out/device_check [--dry-run 1]
 
@@ -59,6 +59,13 @@ def step_summary(data: dict | None) -> dict | None:
     return {k: data.get(k) for k in keys} | {"configs": configs}
 
 
+def experts_summary(data: dict | None) -> list[dict] | None:
+    if data is None:
+        return None
+    keys = ("shape", "tokens", "dtype", "grouped_path", "max_rel", "grouped/sequential")
+    return [{k: row.get(k) for k in keys} for row in data["shapes"]]
+
+
 def training_summary(log: Path) -> dict | None:
     if not log.exists():
         return None
@@ -88,6 +95,7 @@ def main(argv=None) -> int:
         "mhc_site": site_summary(_json(out / "mhc_site.json")),
         "mhc_site_compile": site_summary(_json(out / "mhc_site_compile.json")),
         "step": step_summary(_json(out / "step.json")),
+        "experts": experts_summary(_json(out / "experts.json")),
         "pretrain": training,
     }
     mhc, residual = training["mhc"], training["residual"]

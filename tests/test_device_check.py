@@ -6,6 +6,7 @@ configs, both training runs' losses).
 """
 
 import json
+import math
 import os
 import subprocess
 
@@ -22,7 +23,7 @@ def test_dry_run_passes_every_stage(tmp_path):
     summary = json.loads((tmp_path / "device_check.json").read_text())
     # At most 8 files come back from the device machine.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "device_check.json", "environment.json", "logs.tar.gz", "mhc_site.json",
+        "device_check.json", "environment.json", "experts.json", "logs.tar.gz", "mhc_site.json",
         "mhc_site_compile.json", "stages.jsonl", "step.json",
     ]  # fmt: skip
     assert summary["dry_run"] is True
@@ -33,6 +34,7 @@ def test_dry_run_passes_every_stage(tmp_path):
             "mhc_site",
             "mhc_site_compile",
             "step",
+            "experts",
             "pretrain_mhc",
             "pretrain_residual",
         ),
@@ -42,6 +44,13 @@ def test_dry_run_passes_every_stage(tmp_path):
     # The fused kernels ran (in the interpreter) and matched eager; Liger is CUDA-only.
     assert site["worst_rel"]["ours"] < 5e-2 and "ours/eager" in site["site_fwd_bwd"]
     assert summary["step"]["configs"]["mhc_triton"]["available"] is True
+    # bench_experts: the grouped GEMM ran and matched SequentialMLP (fp32: the same products
+    # and sums), and both were timed.
+    (experts,) = summary["experts"]
+    assert experts["grouped_path"] and experts["max_rel"] < 1e-5
+    ratios = experts["grouped/sequential"]
+    assert set(ratios) == {"fwd", "bwd", "fwd_bwd"}
+    assert all(math.isfinite(r) and r > 0 for r in ratios.values())
     for variant in ("mhc", "residual"):
         run = summary["pretrain"][variant]
         assert run["steps"] == 2 and all(0 < loss < 20 for loss in run["losses"]), run
