@@ -176,3 +176,26 @@ def test_distributed_optimizer_state_follows_a_switch_of_expert_module(tmp_path)
                 tmp_path / "refused.log", expect_ok=False)  # fmt: skip
     assert "dp_reshardable" in text and "drop --moe-grouped-gemm" in text, text[-3000:]
     assert "iteration        2/" not in text
+
+
+def test_help_lists_every_mhc_flag_with_its_help():
+    """``pretrain_mhc.py --help`` used to crash on a bare ``%`` in Megatron 0.19.2's own help
+    text; now it prints, and every ``--mhc-*`` flag has a help text."""
+    import re
+
+    from mhc_megatron.megatron.config import mhc_fields
+
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "10%)" in text  # the help that used to break, printed as written
+    flags = [f"--{f.name.replace('_', '-')}" for f in mhc_fields()]
+    assert len(flags) >= 8
+    for flag in flags:
+        # "  --flag METAVAR   help..." then indented continuation lines, up to the next option.
+        entry = re.search(rf"^  {re.escape(flag)}\b(.*?)(?=^  -)", text, flags=re.M | re.S)
+        assert entry, flag
+        words = re.sub(r"^\S+|\{[^}]*\}|[A-Z_]{3,}", "", entry.group(1).strip())
+        assert len(words.split()) >= 3, (flag, entry.group(1))

@@ -1,17 +1,31 @@
 """The ``--mhc-*`` command-line arguments and the config built from them."""
 
 import argparse
+import re
 
 from megatron.training.argument_utils import ArgumentGroupFactory, core_transformer_config_from_args
 
 from mhc_megatron.megatron.config import MHCTransformerConfig, mhc_fields, to_mhc_config
 from mhc_megatron.training.schedule import add_step_schedule_args
 
+# A help string is %-formatted by argparse: "%(name)s" and "%%" are its, any other "%" breaks it.
+_PERCENT = re.compile(r"%(\([^)]*\)[a-zA-Z]|%)?")
+
+
+def _escape_bare_percents(parser: argparse.ArgumentParser) -> None:
+    """Makes ``--help`` work: Megatron 0.19.2's help of
+    ``--moe-paged-stash-buffer-size-factor-cuda`` ends in a bare ``10%)``, and argparse raises
+    ``ValueError: unsupported format character`` on it, so ``pretrain_mhc.py --help`` crashed."""
+    for action in parser._actions:
+        if action.help:
+            action.help = _PERCENT.sub(lambda m: m.group(0) if m.group(1) else "%%", action.help)
+
 
 def add_mhc_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds ``--cpu``, the step LR schedule flags (schedule.py) and one ``--mhc-*`` flag per
     MHCTransformerConfig field (help from the field's docstring, choices from its Literal type)
     to Megatron's parser."""
+    _escape_bare_percents(parser)
     names = {f.name for f in mhc_fields()}
     excluded = [f for f in MHCTransformerConfig.__dataclass_fields__ if f not in names]
     ArgumentGroupFactory(MHCTransformerConfig, exclude=excluded).build_group(parser, "mHC")
