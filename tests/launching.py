@@ -54,10 +54,23 @@ def start(script: Path, nproc: int, args: list[str], out) -> subprocess.Popen:
 def launch(
     script: Path, nproc: int, args: list[str], log: Path, timeout_s: int = 240
 ) -> tuple[int | None, str]:
-    """Runs ``script`` under torchrun; returns ``(exit code or None on timeout, output)``."""
-    with open(log, "w") as out:
-        rc = wait_or_kill(start(script, nproc, args, out), timeout_s)
-    return rc, log.read_text()
+    """Runs ``script`` under torchrun; returns ``(exit code or None on timeout, output)``.
+
+    Started once more if the rendezvous port was taken between ``free_port()`` and torchrun's
+    bind (seen once in ~400 launches): that is the harness's race, not the run's failure.
+    """
+    for _ in range(2):
+        with open(log, "w") as out:
+            rc = wait_or_kill(start(script, nproc, args, out), timeout_s)
+        text = log.read_text()
+        if rc == 0 or not port_was_taken(text):
+            break
+    return rc, text
+
+
+def port_was_taken(output: str) -> bool:
+    """Whether a launch failed because its rendezvous port was in use."""
+    return "EADDRINUSE" in output and "failed to listen" in output
 
 
 def losses(text: str) -> dict[int, float]:

@@ -39,3 +39,52 @@ def test_the_spec_has_the_sections_the_code_cites():
                  *REPO_ROOT.glob("tools/*.py")]:  # fmt: skip
         cited |= {int(n) for n in re.findall(r"spec(?:\.md``?)? section (\d+)", path.read_text())}
     assert cited and cited <= headings, (sorted(cited), sorted(headings))
+
+
+# READMEs whose commands run on this machine (examples/docker's run inside the image).
+READMES = ["README.md", "benchmarks/README.md", "examples/scaling/README.md",
+           "examples/stability/README.md", "examples/slurm/README.md"]  # fmt: skip
+COMMAND = re.compile(r"(?<![\w/.-])((?:\.venv/bin/)?python3?) ((?:tools|benchmarks)/[\w/]+\.py)")
+
+
+def _readme_commands() -> dict[str, str]:
+    """``{script: the python it is run with}`` over the READMEs' commands."""
+    commands = {}
+    for name in READMES:
+        path = REPO_ROOT / name
+        if path.is_file():
+            for python, script in COMMAND.findall(path.read_text()):
+                commands.setdefault(script, python)
+                if python != ".venv/bin/python":
+                    commands[script] = f"{python} ({name})"
+    return commands
+
+
+def test_readme_commands_run_from_a_fresh_shell():
+    """Every ``python tools/...`` / ``benchmarks/...`` command a README shows runs as written in a
+    new shell: it names the project's interpreter (a bare ``python`` would be the system's,
+    without torch or megatron-core), and the script exists and answers ``--help``."""
+    import subprocess
+    import sys
+
+    venv_python = REPO_ROOT / ".venv" / "bin" / "python"  # what tools/setup_env.sh makes
+    python = str(venv_python) if venv_python.exists() else sys.executable
+    commands = _readme_commands()
+    assert "tools/count_params.py" in commands and "benchmarks/bench_experts.py" in commands
+    bare = {script: python for script, python in commands.items() if python != ".venv/bin/python"}
+    assert not bare, f"commands without .venv/bin/python: {bare}"
+    missing = [script for script in commands if not (REPO_ROOT / script).is_file()]
+    assert not missing
+    running = {
+        script: subprocess.Popen(
+            [python, script, "--help"],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for script in commands
+    }
+    for script, proc in running.items():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "usage" in output.lower(), (script, output[-2000:])
