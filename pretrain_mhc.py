@@ -7,14 +7,19 @@ The ``__main__`` guard matters: ``dist_checkpointing`` saves through a spawned m
 Manager, which re-imports this script.
 """
 
+import os
 import sys
 
+from mhc_megatron.training import known_warnings
 from mhc_megatron.training.cpu import enable_cpu_mode
+
+LOG_FILE_ENV = "MHC_LOG_FILE"  # set by examples/*/*.sh, which keep the output in $OUT_DIR/logs
 
 
 def main() -> None:
     """Run :func:`train`; a :class:`RunCheckError` (a run that must not start or go on) or an
     invalid mHC setting becomes one message on stderr and exit code 1."""
+    known_warnings.install()  # before Megatron's imports print them
     from mhc_megatron.training.run_checks import RunCheckError
 
     try:
@@ -72,15 +77,39 @@ def train() -> None:
     if model_cfg.transformer_layer_spec is None:  # --spec given: the user's spec wins
         model_cfg.transformer_layer_spec = mhc_layer_spec
     cfg_container = pretrain_cfg_container_from_args(args, model_cfg)
-    pretrain(
-        cfg_container,
-        gpt_step.train_valid_test_datasets_provider,
-        ModelType.encoder_or_decoder,
-        gpt_step.forward_step,
-    )
+    try:
+        pretrain(
+            cfg_container,
+            gpt_step.train_valid_test_datasets_provider,
+            ModelType.encoder_or_decoder,
+            gpt_step.forward_step,
+        )
+    except SystemExit as stop:  # Megatron's exit paths (--exit-interval, signals) end this way
+        if stop.code not in (None, 0):
+            raise
+    print_rank_0(where_outputs_are(args))
     # Left to static destructors, gloo's threads sometimes abort the process at exit.
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def where_outputs_are(args) -> str:
+    """The run's last line: where its checkpoints, TensorBoard events and log are."""
+    parts = []
+    if args.save:
+        tracker = os.path.join(args.save, "latest_checkpointed_iteration.txt")
+        latest = ""
+        if os.path.isfile(tracker):
+            with open(tracker) as f:
+                latest = f" (latest: iteration {f.read().strip()})"
+        parts.append(f"checkpoints in {args.save}{latest}")
+    else:
+        parts.append("no checkpoints (no --save)")
+    if args.tensorboard_dir:
+        parts.append(f"TensorBoard events in {args.tensorboard_dir}")
+    log = os.environ.get(LOG_FILE_ENV)
+    parts.append(f"log in {log}" if log else "log: this output only (not saved)")
+    return "> run ended: " + "; ".join(parts)
 
 
 if __name__ == "__main__":

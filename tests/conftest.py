@@ -7,6 +7,7 @@ training processes it starts.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -20,7 +21,26 @@ CPU_MODE_MODULES = ("test_mhc_model.py", "test_grouped_experts.py")
 CPU_MODE_CHILD = "MHC_TESTS_CPU_MODE_CHILD"  # set in that child
 
 
+# Modules whose tests launch training processes, train models or run Triton's interpreter over
+# large shapes (each test seconds to a minute on a 2-core machine). `pytest -m "not slow"` leaves
+# them out: the quick subset (math, kernels on small shapes, configs, checks, tools).
+SLOW_MODULES = (
+    "test_parallel_layouts.py", "test_pretrain_mhc.py", "test_slurm.py", "test_run_safety.py",
+    "test_stability.py", "test_scaling_sweep.py", "test_device_check.py", "test_cpu_mode.py",
+    "test_cpu_mode_modules.py", "test_recipes.py", "test_bench_recompute.py",
+    "test_bench_step.py", "test_bench_mhc_site.py", "test_bench_traffic.py",
+    "test_kernels_chain.py",
+)  # fmt: skip
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: launches or trains (left out by -m 'not slow')")
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
     if not torch.cuda.is_available() or os.environ.get(CPU_MODE_CHILD):
         return
     kept = [item for item in items if item.path.name not in CPU_MODE_MODULES]

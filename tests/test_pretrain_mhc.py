@@ -128,9 +128,11 @@ def test_checkpoints_switch_between_grouped_and_sequential_experts(tmp_path):
         assert resumed[iteration] == pytest.approx(loss, rel=1e-5), (iteration, resumed, reference)
 
 
-def test_tiny_example_trains_the_same_with_grouped_gemm_experts(tmp_path):
-    """examples/tiny/train.sh with --moe-grouped-gemm (GroupedGemmMLP) logs the same losses as
-    the example as it stands (SequentialMLP): same initial weights, float32 rounding apart."""
+def test_tiny_example_keeps_its_log_and_trains_the_same_with_grouped_experts(tmp_path):
+    """examples/tiny/train.sh keeps its output in $OUT_DIR/logs, ends with where its outputs
+    are, and prints none of Megatron's known TE/Apex warnings. With --moe-grouped-gemm
+    (GroupedGemmMLP) it logs the same losses as the example as it stands (SequentialMLP): same
+    initial weights, float32 rounding apart."""
     import os
     import shutil
 
@@ -154,6 +156,15 @@ def test_tiny_example_trains_the_same_with_grouped_gemm_experts(tmp_path):
         kind = "GroupedGemmMLP" if extra else "SequentialMLP"
         assert f"MoE experts: {kind}, " in text
         runs[name] = losses(text)
+        (log,) = (out_dir / "logs").glob("train-*.log")
+        assert log.read_text() == text  # stdout and stderr, all of it
+        last = text.rstrip().splitlines()[-1]
+        assert last == (
+            f"> run ended: checkpoints in {out_dir / 'checkpoints'} (latest: iteration 6); "
+            f"TensorBoard events in {out_dir / 'tensorboard'}; log in {log}"
+        )
+        assert text.count("> hidden: Megatron's known warnings") == 1
+        assert "UserWarning" not in text and "Apex is not installed" not in text
     assert sorted(runs["sequential"]) == list(range(1, 7))
     assert runs["grouped"].keys() == runs["sequential"].keys()
     for iteration, loss in runs["sequential"].items():

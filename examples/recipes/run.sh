@@ -8,8 +8,9 @@
 #   VARIANT          mhc (default), mhc-lite, hc, or residual (the baseline).
 #   DATA_PATH        Megatron --data-path value(s) (tools/preprocess_data.py output prefixes).
 #                    MOCK_DATA=1 trains on Megatron's mock data instead (the tiny recipe's default).
-#   OUT_DIR          checkpoints, TensorBoard and logs (default runs/RECIPE-VARIANT); a second
-#                    launch with the same OUT_DIR resumes from its latest checkpoint.
+#   OUT_DIR          checkpoints, TensorBoard and logs (default runs/RECIPE-VARIANT); the output
+#                    is kept in OUT_DIR/logs/train-DATE-HOST.log; a second launch with the same
+#                    OUT_DIR resumes from its latest checkpoint.
 #   CPU=1            run on CPU with gloo and the local (no TransformerEngine) modules.
 #   NPROC_PER_NODE   ranks on this node (default: the visible GPUs, or 1 with CPU=1).
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, RDZV_ID
@@ -55,6 +56,9 @@ else
        "or MOCK_DATA=1 to train on synthetic tokens" >&2
   exit 2
 fi
+# shellcheck source=../../tools/keep_log.sh
+source "$ROOT/tools/keep_log.sh"
+keep_log "$OUT_DIR"  # everything below also goes to $OUT_DIR/logs/train-DATE-HOST.log
 
 DEVICE_ARGS=()
 if [[ "${CPU:-}" == 1 ]]; then

@@ -3,9 +3,10 @@
 # trained on CPU for a few hundred steps on the Python standard library's own source files
 # (on every machine, no download).
 #
-# Environment: NPROC (ranks, default 1), TRAIN_ITERS (default 300), OUT_DIR (default
-# runs/tiny), PYTHON (default .venv/bin/python if present), MASTER_PORT (rendezvous port;
-# default: a free one, so two runs on one machine do not collide). Extra arguments go to
+# Environment: NPROC (ranks, default 1), TRAIN_ITERS (default 300), OUT_DIR (default runs/tiny;
+# the output is also kept in $OUT_DIR/logs), PYTHON (default .venv/bin/python if present),
+# MASTER_PORT (rendezvous port; default: a free one, so two runs on one machine do not
+# collide). Extra arguments go to
 # pretrain_mhc.py after the script's own, so Megatron flags given here override them, e.g.
 #   NPROC=2 examples/tiny/train.sh --tensor-model-parallel-size 2 --sequence-parallel
 # Running it again resumes from $OUT_DIR/checkpoints (any TP/PP/EP layout; a different model is
@@ -24,6 +25,9 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 mkdir -p "$OUT_DIR"
+# shellcheck source=../../tools/keep_log.sh
+source "$ROOT/tools/keep_log.sh"
+keep_log "$OUT_DIR"  # everything below also goes to $OUT_DIR/logs/train-DATE-HOST.log
 
 # 1. Data: tokenize the standard library's top-level modules once (byte-level, no download).
 DATA_PREFIX="$OUT_DIR/data/stdlib"

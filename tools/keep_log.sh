@@ -1,0 +1,11 @@
+# Sourced by the launch scripts (examples/tiny/train.sh, examples/recipes/run.sh).
+# keep_log OUT_DIR: from here on, the script's output (stdout and stderr, its own and that of the
+# training it execs) also goes to OUT_DIR/logs/train-DATE-HOST.log. The path is exported as
+# MHC_LOG_FILE; pretrain_mhc.py names it in its last line.
+keep_log() {
+  local dir="$1/logs"
+  mkdir -p "$dir"
+  MHC_LOG_FILE="$dir/train-$(date +%Y%m%d-%H%M%S)-$(hostname -s 2>/dev/null || echo host).log"
+  export MHC_LOG_FILE
+  exec > >(tee -a "$MHC_LOG_FILE") 2>&1
+}
