@@ -28,6 +28,25 @@ Tokenizers:
       Megatron-LM, the tokenizer's special tokens (e.g. BOS) are added unless
       ``--no-add-special-tokens`` is given. The end-of-document id is the tokenizer's
       ``eos_token_id`` unless ``--eod-id`` is given.
+    * ``GPT2BPETokenizer``: GPT-2 style byte-level BPE from ``--vocab-file`` (``vocab.json``)
+      and ``--merge-file`` (``merges.txt``), built with the ``tokenizers`` package the way
+      ``transformers``' ``GPT2Tokenizer`` builds it, which megatron-core's GPT2BPETokenizer
+      wraps. No special tokens are added to a document. The end-of-document id is that of
+      ``<|endoftext|>`` (added after the vocabulary, as ``transformers`` does, if the vocabulary
+      lacks it). Train with the same ``--tokenizer-type GPT2BPETokenizer --vocab-file ...
+      --merge-file ...``; note that megatron-core 0.19.2 builds this tokenizer with
+      ``AutoTokenizer.from_pretrained("gpt2", vocab_file=..., merges_file=...)``, so training
+      also reads the Hugging Face Hub's ``gpt2`` tokenizer configuration (network or HF cache).
+    * ``SentencePieceTokenizer``: ``--tokenizer-model`` is a SentencePiece ``.model`` file,
+      loaded with the ``sentencepiece`` package. As megatron-core's SentencePieceTokenizer does
+      (with its defaults: no legacy special tokens, extra whitespace left to the model), a
+      document is encoded without BOS or EOS, and the end-of-document id is the model's
+      ``eos_id()`` (``</s>``). Train with ``--tokenizer-type SentencePieceTokenizer
+      --tokenizer-model ...``.
+
+    For ``GPT2BPETokenizer`` and ``SentencePieceTokenizer`` the end-of-document id is the one
+    Megatron's tokenizer has, so ``--eod-id`` may only repeat it. Flags that the chosen tokenizer
+    does not use (e.g. ``--vocab-file`` with ``SentencePieceTokenizer``) are refused.
 
 Many files and parallel workers:
     ``--input`` takes several paths and quoted globs. Documents keep the order of the inputs as
@@ -58,9 +77,16 @@ written: the files are built under temporary names in the output directory and r
 end, and removed on any error (or Ctrl-C), so a failed run never leaves a partial ``.bin``/``.idx``
 behind.
 
-Example:
+Examples:
     python tools/preprocess_data.py --input 'data/*.jsonl' --output-prefix data/corpus \\
         --tokenizer-type ByteLevel --append-eod --workers 8 --skip-bad-files
+
+    python tools/preprocess_data.py --input 'data/*.jsonl' --output-prefix data/corpus \\
+        --tokenizer-type GPT2BPETokenizer --vocab-file gpt2-vocab.json \\
+        --merge-file gpt2-merges.txt --append-eod --workers 8
+
+    python tools/preprocess_data.py --input 'data/*.jsonl' --output-prefix data/corpus \\
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model tokenizer.model --append-eod
 """
 
 from __future__ import annotations
@@ -94,6 +120,20 @@ EXTENSION_FORMATS = {
 GLOB_CHARS = ("*", "?", "[")
 BYTE_LEVEL_EOD_ID = 256
 BYTE_LEVEL_VOCAB_SIZE = 257
+TOKENIZER_TYPES = (
+    "ByteLevel",
+    "HuggingFaceTokenizer",
+    "GPT2BPETokenizer",
+    "SentencePieceTokenizer",
+)
+# The optional tokenizer flags: argument name -> (flag, the tokenizer types that use it).
+TOKENIZER_FLAGS = {
+    "tokenizer_model": ("--tokenizer-model", ("HuggingFaceTokenizer", "SentencePieceTokenizer")),
+    "vocab_file": ("--vocab-file", ("GPT2BPETokenizer",)),
+    "merge_file": ("--merge-file", ("GPT2BPETokenizer",)),
+    "no_add_special_tokens": ("--no-add-special-tokens", ("HuggingFaceTokenizer",)),
+}
+GPT2_EOD_TOKEN = "<|endoftext|>"
 LEVEL = "document"
 EMPTY_IDS = np.empty(0, dtype=np.int32)
 
@@ -146,6 +186,13 @@ class ByteLevelTokenizer:
         """
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
+    def training_flags(self) -> str:
+        """Return Megatron's tokenizer flags for training on the output."""
+        return (
+            f"--tokenizer-type NullTokenizer --vocab-size {BYTE_LEVEL_VOCAB_SIZE} "
+            f"(end-of-document id = vocab_size - 1 = {BYTE_LEVEL_EOD_ID})"
+        )
+
 
 class HuggingFaceTokenizer:
     """Wrapper around a local ``transformers`` tokenizer.
@@ -174,9 +221,14 @@ class HuggingFaceTokenizer:
         from transformers import AutoTokenizer
 
         if not os.path.isdir(model_dir):
+            hint = (
+                "; for a SentencePiece .model file use --tokenizer-type SentencePieceTokenizer"
+                if os.path.isfile(model_dir)
+                else ""
+            )
             raise PreprocessError(
                 f"--tokenizer-model {model_dir!r} is not a directory; pass a local directory "
-                "containing the tokenizer files (e.g. written by tokenizer.save_pretrained)"
+                f"containing the tokenizer files (e.g. written by tokenizer.save_pretrained){hint}"
             )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -202,8 +254,305 @@ class HuggingFaceTokenizer:
         out = self.tokenizer(texts, add_special_tokens=self.add_special_tokens, verbose=False)
         return out["input_ids"]
 
+    def training_flags(self) -> str:
+        """Return Megatron's tokenizer flags for training on the output."""
+        return f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {self.model_dir}"
 
-def build_tokenizer(args: argparse.Namespace) -> ByteLevelTokenizer | HuggingFaceTokenizer:
+
+def _check_tokenizer_file(flag: str, path: str, what: str, suffix: str = "") -> None:
+    """Check that a tokenizer file given on the command line is an existing file.
+
+    Args:
+        flag: The command line flag, e.g. ``--vocab-file``.
+        path: Its value.
+        what: What the file should be, e.g. ``"GPT-2 vocab.json"``.
+        suffix: The usual file name suffix; files with it are suggested when ``path`` is a
+            directory.
+
+    Raises:
+        PreprocessError: If ``path`` does not exist or is a directory.
+    """
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(glob.escape(path), f"*{suffix}"))) if suffix else []
+        hint = f" (e.g. {found[0]!r})" if found else ""
+        raise PreprocessError(f"{flag} {path!r} is a directory; pass the {what} file itself{hint}")
+    if not os.path.isfile(path):
+        raise PreprocessError(f"{flag} {path!r} does not exist; pass the path of the {what} file")
+
+
+def _read_gpt2_vocab(path: str) -> dict[str, int]:
+    """Read a GPT-2 style ``vocab.json``: a JSON object mapping each token to its id.
+
+    Args:
+        path: The ``--vocab-file`` value.
+
+    Returns:
+        Token to id.
+
+    Raises:
+        PreprocessError: If the file is missing or not such a JSON object.
+    """
+    _check_tokenizer_file("--vocab-file", path, "GPT-2 style vocab.json", ".json")
+    expected = "expected a GPT-2 style vocab.json, a JSON object mapping each token to its id"
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise PreprocessError(
+            f"--vocab-file {path!r} is not UTF-8 text ({exc}); {expected}"
+        ) from exc
+    try:
+        vocab = json.loads(text)
+    except json.JSONDecodeError as exc:
+        swapped = (
+            "; it looks like a merges file: did you swap --vocab-file and --merge-file?"
+            if text.startswith("#version")
+            else ""
+        )
+        raise PreprocessError(
+            f"--vocab-file {path!r} is not valid JSON ({exc}); {expected}{swapped}"
+        ) from exc
+    if not isinstance(vocab, dict) or not vocab:
+        found = "an empty object" if isinstance(vocab, dict) else f"a JSON {type(vocab).__name__}"
+        raise PreprocessError(f"--vocab-file {path!r} holds {found}; {expected}")
+    for token, token_id in vocab.items():
+        if type(token_id) is not int or token_id < 0:
+            raise PreprocessError(
+                f"--vocab-file {path!r} maps {token!r} to {token_id!r}, not to a token id "
+                f"(an integer >= 0); {expected}"
+            )
+    return vocab
+
+
+def _read_gpt2_merges(path: str, vocab: dict[str, int], vocab_path: str) -> list[tuple[str, str]]:
+    """Read a GPT-2 style ``merges.txt`` and check it against the vocabulary.
+
+    The format is the one the ``tokenizers`` package reads: an optional first line starting with
+    ``#version``, then one merge per line, two tokens separated by one space.
+
+    Args:
+        path: The ``--merge-file`` value.
+        vocab: The vocabulary read from ``vocab_path``.
+        vocab_path: The ``--vocab-file`` value (for the error messages).
+
+    Returns:
+        The merges in order of priority.
+
+    Raises:
+        PreprocessError: If the file is missing, not in this format, holds no merge, or uses a
+            token that the vocabulary lacks.
+    """
+    _check_tokenizer_file("--merge-file", path, "GPT-2 style merges.txt", ".txt")
+    expected = (
+        "expected a GPT-2 style merges.txt: one merge per line, two tokens separated by one "
+        "space, after an optional '#version' line"
+    )
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise PreprocessError(
+            f"--merge-file {path!r} is not UTF-8 text ({exc}); {expected}"
+        ) from exc
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    merges = []
+    for lineno, line in enumerate(lines, start=1):
+        line = line.removesuffix("\r")
+        if line.startswith("#version"):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            swapped = (
+                "; it looks like JSON: did you swap --vocab-file and --merge-file?"
+                if lineno == 1 and line.lstrip().startswith("{")
+                else ""
+            )
+            raise PreprocessError(
+                f"--merge-file {path!r} line {lineno} is {line[:80]!r}; {expected}{swapped}"
+            )
+        for token in (*parts, "".join(parts)):
+            if token not in vocab:
+                raise PreprocessError(
+                    f"--merge-file {path!r} does not belong to --vocab-file {vocab_path!r}: "
+                    f"line {lineno} ({line!r}) makes token {token!r}, which the vocabulary "
+                    "lacks; pass the merges.txt written together with this vocab.json"
+                )
+        merges.append((parts[0], parts[1]))
+    if not merges:
+        raise PreprocessError(f"--merge-file {path!r} holds no merge; {expected}")
+    return merges
+
+
+class GPT2BPETokenizer:
+    """GPT-2 style byte-level BPE from a ``vocab.json`` and a ``merges.txt``.
+
+    Built with the ``tokenizers`` package exactly as ``transformers``' ``GPT2Tokenizer`` builds
+    its backend (no prefix space, no dropout, ``<|endoftext|>`` a special token), which
+    megatron-core's GPT2BPETokenizer wraps. No special tokens are added to a document.
+
+    Args:
+        vocab_file: The ``vocab.json`` (``--vocab-file``).
+        merge_file: The ``merges.txt`` (``--merge-file``).
+
+    Raises:
+        PreprocessError: If ``tokenizers`` is missing or the files are not a GPT-2 style BPE.
+    """
+
+    name = "GPT2BPETokenizer"
+
+    def __init__(self, vocab_file: str, merge_file: str) -> None:
+        try:
+            import tokenizers
+        except ImportError as exc:
+            raise PreprocessError(
+                "--tokenizer-type GPT2BPETokenizer needs the 'tokenizers' package: run "
+                "`pip install tokenizers`"
+            ) from exc
+        from tokenizers import decoders, models, pre_tokenizers
+
+        vocab = _read_gpt2_vocab(vocab_file)
+        merges = _read_gpt2_merges(merge_file, vocab, vocab_file)
+        try:
+            model = models.BPE(
+                vocab,
+                merges,
+                dropout=None,
+                continuing_subword_prefix="",
+                end_of_word_suffix="",
+                fuse_unk=False,
+            )
+        except Exception as exc:  # tokenizers raises a bare Exception
+            raise PreprocessError(
+                f"could not build a BPE tokenizer from --vocab-file {vocab_file!r} and "
+                f"--merge-file {merge_file!r}: {exc}"
+            ) from exc
+        self.tokenizer = tokenizers.Tokenizer(model)
+        self.tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self.tokenizer.decoder = decoders.ByteLevel()
+        # Like transformers' GPT2Tokenizer (unk, bos and eos are all <|endoftext|>): matched in
+        # the text as one token, and appended to the vocabulary if it lacks it.
+        self.tokenizer.add_special_tokens([tokenizers.AddedToken(GPT2_EOD_TOKEN, special=True)])
+        self.vocab_file = vocab_file
+        self.merge_file = merge_file
+        self.eod_added = GPT2_EOD_TOKEN not in vocab
+        self.eod = self.tokenizer.token_to_id(GPT2_EOD_TOKEN)
+        self.vocab_size = max(
+            self.tokenizer.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1
+        )
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        """Tokenize a batch of texts.
+
+        Args:
+            texts: The texts to tokenize.
+
+        Returns:
+            One list of token ids per text.
+        """
+        # encode_batch_fast (tokenizers >= 0.20) skips the offsets, which are not needed here.
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def training_flags(self) -> str:
+        """Return Megatron's tokenizer flags for training on the output."""
+        added = ", added after the vocabulary" if self.eod_added else ""
+        return (
+            f"--tokenizer-type GPT2BPETokenizer --vocab-file {self.vocab_file} --merge-file "
+            f"{self.merge_file} (end-of-document id {self.eod} = {GPT2_EOD_TOKEN}{added})"
+        )
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model (``.model`` file), encoded as megatron-core's tokenizer does.
+
+    megatron-core's SentencePieceTokenizer, with its default settings, encodes a text with
+    ``encode_as_ids`` (no BOS, no EOS) and takes the model's ``eos_id()`` as end-of-document id.
+
+    Args:
+        model_file: The ``.model`` file (``--tokenizer-model``).
+
+    Raises:
+        PreprocessError: If ``sentencepiece`` is missing or the file is not a SentencePiece model.
+    """
+
+    name = "SentencePieceTokenizer"
+
+    def __init__(self, model_file: str) -> None:
+        try:
+            import sentencepiece
+        except ImportError as exc:
+            raise PreprocessError(
+                "--tokenizer-type SentencePieceTokenizer needs the 'sentencepiece' package: run "
+                "`pip install sentencepiece`"
+            ) from exc
+        _check_tokenizer_file("--tokenizer-model", model_file, "SentencePiece .model", ".model")
+        try:
+            self.processor = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        except (RuntimeError, OSError) as exc:
+            raise PreprocessError(
+                f"--tokenizer-model {model_file!r} is not a SentencePiece model ({exc}); pass "
+                "the .model file written by SentencePieceTrainer (a Hugging Face tokenizer "
+                "directory takes --tokenizer-type HuggingFaceTokenizer)"
+            ) from exc
+        self.model_file = model_file
+        self.vocab_size = self.processor.get_piece_size()
+        self.eod = self.processor.eos_id()  # -1 when the model has no end-of-sentence piece
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        """Tokenize a batch of texts.
+
+        Args:
+            texts: The texts to tokenize.
+
+        Returns:
+            One list of token ids per text.
+        """
+        return self.processor.encode(texts, out_type=int, add_bos=False, add_eos=False)
+
+    def training_flags(self) -> str:
+        """Return Megatron's tokenizer flags for training on the output."""
+        eod = (
+            f"end-of-document id {self.eod} = {self.processor.id_to_piece(self.eod)}"
+            if self.eod >= 0
+            else "the model has no end-of-document id: its eos_id is -1"
+        )
+        return (
+            f"--tokenizer-type SentencePieceTokenizer --tokenizer-model {self.model_file} ({eod})"
+        )
+
+
+Tokenizer = ByteLevelTokenizer | HuggingFaceTokenizer | GPT2BPETokenizer | SentencePieceTokenizer
+
+
+def _check_fixed_eod(args: argparse.Namespace, tokenizer: Tokenizer, what: str) -> None:
+    """Check ``--eod-id`` against a tokenizer whose end-of-document id is fixed.
+
+    Args:
+        args: Parsed command line arguments.
+        tokenizer: The tokenizer.
+        what: The end-of-document token, for the messages.
+
+    Raises:
+        PreprocessError: If ``--eod-id`` is outside the vocabulary or another id.
+    """
+    if args.eod_id is None:
+        return
+    kind = args.tokenizer_type
+    if not 0 <= args.eod_id < tokenizer.vocab_size:
+        raise PreprocessError(
+            f"--eod-id {args.eod_id} is outside the tokenizer's vocabulary "
+            f"(0..{tokenizer.vocab_size - 1}); drop --eod-id: --tokenizer-type {kind} uses "
+            f"{tokenizer.eod} ({what})"
+        )
+    if args.eod_id != tokenizer.eod:
+        raise PreprocessError(
+            f"--tokenizer-type {kind} always uses end-of-document id {tokenizer.eod} ({what}), "
+            f"as Megatron's {kind} does in training; drop --eod-id"
+        )
+
+
+def build_tokenizer(args: argparse.Namespace) -> Tokenizer:
     """Build the tokenizer selected on the command line and check its end-of-document id.
 
     Args:
@@ -215,18 +564,49 @@ def build_tokenizer(args: argparse.Namespace) -> ByteLevelTokenizer | HuggingFac
     Raises:
         PreprocessError: On an inconsistent tokenizer configuration.
     """
-    if args.tokenizer_type == "ByteLevel":
-        if args.tokenizer_model is not None:
+    kind = args.tokenizer_type
+    for dest, (flag, users) in TOKENIZER_FLAGS.items():
+        if getattr(args, dest) not in (None, False) and kind not in users:
             raise PreprocessError(
-                "--tokenizer-model is not used by --tokenizer-type ByteLevel; drop it, or use "
-                "--tokenizer-type HuggingFaceTokenizer"
+                f"{flag} is not used by --tokenizer-type {kind}; drop it, or use "
+                f"--tokenizer-type {' or '.join(users)}"
             )
+
+    if kind == "ByteLevel":
         if args.eod_id is not None and args.eod_id != BYTE_LEVEL_EOD_ID:
             raise PreprocessError(
                 f"--tokenizer-type ByteLevel always uses end-of-document id {BYTE_LEVEL_EOD_ID}; "
                 "drop --eod-id"
             )
         return ByteLevelTokenizer()
+
+    if kind == "GPT2BPETokenizer":
+        files = {"--vocab-file": args.vocab_file, "--merge-file": args.merge_file}
+        missing = [flag for flag, value in files.items() if value is None]
+        if missing:
+            raise PreprocessError(
+                f"--tokenizer-type GPT2BPETokenizer needs {' and '.join(missing)}: the GPT-2 "
+                "style vocab.json and merges.txt (e.g. --vocab-file gpt2-vocab.json "
+                "--merge-file gpt2-merges.txt)"
+            )
+        tokenizer = GPT2BPETokenizer(args.vocab_file, args.merge_file)
+        _check_fixed_eod(args, tokenizer, GPT2_EOD_TOKEN)
+        return tokenizer
+
+    if kind == "SentencePieceTokenizer":
+        if args.tokenizer_model is None:
+            raise PreprocessError(
+                "--tokenizer-type SentencePieceTokenizer needs --tokenizer-model <.model file>"
+            )
+        tokenizer = SentencePieceTokenizer(args.tokenizer_model)
+        if tokenizer.eod < 0 and (args.append_eod or args.eod_id is not None):
+            raise PreprocessError(
+                f"the SentencePiece model {args.tokenizer_model!r} has no end-of-sentence piece "
+                "(eos_id -1), which Megatron's SentencePieceTokenizer uses as end-of-document "
+                "id; drop --append-eod and --eod-id, or use a model trained with an eos piece"
+            )
+        _check_fixed_eod(args, tokenizer, "the model's eos piece")
+        return tokenizer
 
     if args.tokenizer_model is None:
         raise PreprocessError(
@@ -834,28 +1214,48 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     group = parser.add_argument_group("tokenizer")
     group.add_argument(
         "--tokenizer-type",
-        choices=("ByteLevel", "HuggingFaceTokenizer"),
+        choices=TOKENIZER_TYPES,
         required=True,
         help="ByteLevel: built-in, ids = UTF-8 bytes, end-of-document id 256 (train with "
         "--tokenizer-type NullTokenizer --vocab-size 257). HuggingFaceTokenizer: a local "
-        "tokenizer directory given by --tokenizer-model.",
+        "tokenizer directory given by --tokenizer-model. GPT2BPETokenizer: GPT-2 style BPE "
+        "files given by --vocab-file and --merge-file, end-of-document id that of <|endoftext|>. "
+        "SentencePieceTokenizer: a SentencePiece .model file given by --tokenizer-model, no "
+        "BOS/EOS added, end-of-document id the model's eos_id. Train with the same "
+        "--tokenizer-type (the summary at the end gives the flags).",
     )
     group.add_argument(
         "--tokenizer-model",
         default=None,
-        help="Local directory of a Hugging Face tokenizer (HuggingFaceTokenizer only).",
+        help="HuggingFaceTokenizer: local directory of a Hugging Face tokenizer. "
+        "SentencePieceTokenizer: the SentencePiece .model file.",
+    )
+    group.add_argument(
+        "--vocab-file",
+        default=None,
+        help="GPT2BPETokenizer: the vocab.json (a JSON object mapping each token to its id), "
+        "e.g. gpt2-vocab.json.",
+    )
+    group.add_argument(
+        "--merge-file",
+        default=None,
+        help="GPT2BPETokenizer: the merges.txt that belongs to --vocab-file, e.g. gpt2-merges.txt.",
     )
     group.add_argument(
         "--eod-id",
         type=int,
         default=None,
-        help="End-of-document id for HuggingFaceTokenizer (default: the tokenizer's eos_token_id).",
+        help="End-of-document id for HuggingFaceTokenizer (default: the tokenizer's "
+        "eos_token_id). The other tokenizer types have a fixed one, which --eod-id may only "
+        "repeat.",
     )
     group.add_argument(
         "--no-add-special-tokens",
         action="store_true",
-        help="Do not let the Hugging Face tokenizer add its special tokens (e.g. BOS) to each "
-        "document. By default they are added, as Megatron-LM's HuggingFaceTokenizer does.",
+        help="HuggingFaceTokenizer: do not let the tokenizer add its special tokens (e.g. BOS) "
+        "to each document. By default they are added, as Megatron-LM's HuggingFaceTokenizer "
+        "does. Refused with the other types (GPT2BPETokenizer and SentencePieceTokenizer add "
+        "none, as Megatron's do).",
     )
     group.add_argument(
         "--append-eod",
@@ -941,7 +1341,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"Loaded {len(dataset)} documents from {len(corpus.files)} file(s){skipped}.", flush=True)
     loaded = time.perf_counter()
 
-    if args.workers > 1 and isinstance(tokenizer, HuggingFaceTokenizer):
+    if args.workers > 1 and isinstance(tokenizer, (HuggingFaceTokenizer, GPT2BPETokenizer)):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with _datasets_progress_bars(progress):
         tokenized = dataset.map(
@@ -979,13 +1379,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"    {path}")
     prefixes = " ".join(output_prefix_for(args.output_prefix, k) for k in args.json_keys)
     print(f"Train with: --data-path {prefixes}")
-    if isinstance(tokenizer, ByteLevelTokenizer):
-        print(
-            f"  --tokenizer-type NullTokenizer --vocab-size {BYTE_LEVEL_VOCAB_SIZE} "
-            f"(end-of-document id = vocab_size - 1 = {BYTE_LEVEL_EOD_ID})"
-        )
-    else:
-        print(f"  --tokenizer-type HuggingFaceTokenizer --tokenizer-model {tokenizer.model_dir}")
+    print(f"  {tokenizer.training_flags()}")
     if corpus.skipped:
         # Again at the end, where it is seen: the warnings may have scrolled away.
         lines = "".join(f"\n  {b.path}: {b.reason}" for b in corpus.skipped)
