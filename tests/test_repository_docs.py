@@ -4,6 +4,8 @@ repository has nothing else)."""
 
 import re
 
+import pytest
+
 from tests.launching import REPO_ROOT
 
 CITED = re.compile(r"\bdocs/[\w.-]+\.md\b")
@@ -88,3 +90,31 @@ def test_readme_commands_run_from_a_fresh_shell():
     for script, proc in running.items():
         output, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0 and "usage" in output.lower(), (script, output[-2000:])
+
+
+def test_stability_docs_quote_the_committed_results():
+    """examples/stability/README.md (and the README's summary) quote the numbers of the results
+    kept in examples/stability/results/stability.json, the run that made the committed plot."""
+    import json
+
+    results = json.loads((REPO_ROOT / "examples/stability/results/stability.json").read_text())
+    runs = {run["label"]: run for run in results["runs"]}
+    readme = (REPO_ROOT / "examples/stability/README.md").read_text()
+    for label, run in runs.items():  # the main table: one row per run, its loss last
+        row = re.search(rf"^\| {label} \|(.*)$", readme, flags=re.M)
+        assert row and row.group(1).rstrip(" |").endswith(f"{run['lm_loss']:.3f}"), label
+    hc = runs["hc"]["summary"]
+    quoted = f"**{round(hc['composite_fwd_gain_last'], -1):,.0f} / "
+    quoted += f"{round(hc['composite_bwd_gain_last'], -1):,.0f}**"
+    assert quoted in readme, quoted
+    top = (REPO_ROOT / "README.md").read_text()
+    assert f"reaches {round(hc['composite_fwd_gain_last'], -1):,.0f}" in top
+    # The per-layer table, to the digits it shows (at least two significant ones).
+    layers = re.search(r"^\| layer \|(.*)$", readme, flags=re.M).group(1)
+    values = re.search(r"^\| HC composite fwd gain \|(.*)$", readme, flags=re.M).group(1)
+    layers = [int(x) for x in layers.strip(" |").split("|")]
+    values = [float(x.replace(",", "")) for x in values.strip(" |").split("|")]
+    sites = runs["hc"]["sites"]
+    for layer, value in zip(layers, values, strict=True):
+        measured = sites[f"L{layer:03d}.mlp"]["composite_fwd_gain"]
+        assert value == pytest.approx(measured, rel=0.02), layer
