@@ -322,3 +322,23 @@ def test_pngs_are_valid(report, tmp_path):
     result = _cli("plot", out / "hc.json", out / "mhc.json", "--out", png)
     assert result.returncode == 0, result.stderr
     _check_png(png)
+
+
+def test_the_example_script_runs_and_reports(tmp_path):
+    """examples/stability/run.sh on a 2-layer mHC model, 3 steps: each variant's log in its
+    folder, named by the run's last line, and the report's JSON and PNG written."""
+    out = tmp_path / "stability"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= dict(LAYERS="2", ITERS="3", WARMUP="1", VARIANTS="mhc", BATCHES="1", OUT_DIR=str(out))
+    proc = subprocess.run(
+        [str(REPO_ROOT / "examples" / "stability" / "run.sh")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = out / "mhc" / "train.log"
+    assert log.read_text().rstrip().splitlines()[-1].endswith(f"; log in {log}")
+    report = json.loads((out / "report" / "stability.json").read_text())
+    (run,) = report["runs"]
+    assert run["variant"] == "mhc" and run["iteration"] == 3
+    assert run["summary"]["composite_fwd_gain_last"] == pytest.approx(1.0, abs=1e-3)
+    assert (out / "report" / "stability.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -12,6 +12,7 @@
 #   BATCHES [8]  batches of MBS sequences the report averages over
 #   OUT_DIR [runs/stability]  per variant VARIANT/{checkpoints,tensorboard,train.log}; report/
 #   PYTHON     interpreter (default .venv/bin/python if present, else python3)
+#   MASTER_PORT  rendezvous port (default: a free one)
 # Extra arguments go to pretrain_mhc.py for every variant (after the script's own, so they win).
 # Running it again with the same OUT_DIR resumes the trainings (a finished one is only re-measured).
 set -euo pipefail
@@ -25,6 +26,8 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 mkdir -p "$OUT_DIR"
+# Prints a TCP port that is free right now (the default rendezvous port).
+FREE_PORT_PY='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 
 # 1. Data: the standard library's top-level modules, byte-level (as examples/tiny; no download).
@@ -69,8 +72,10 @@ for VARIANT in $VARIANTS; do
   mkdir -p "$RUN"
   echo "== training $VARIANT: $LAYERS layers, hidden $HIDDEN, $ITERS iterations, lr $LR ($RUN/train.log)"
   start=$SECONDS
-  "$PYTHON" -m torch.distributed.run --nproc-per-node 1 --master-addr 127.0.0.1 \
-    --master-port "${MASTER_PORT:-29541}" "$ROOT/pretrain_mhc.py" \
+  # MHC_LOG_FILE: pretrain_mhc.py's last line names the log. A free port unless MASTER_PORT is set.
+  MHC_LOG_FILE="$RUN/train.log" "$PYTHON" -m torch.distributed.run --nproc-per-node 1 \
+    --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-$("$PYTHON" -c "$FREE_PORT_PY")}" \
+    "$ROOT/pretrain_mhc.py" \
     "${CPU_ARGS[@]}" "${MODEL_ARGS[@]}" --mhc-variant "$VARIANT" "${TRAIN_ARGS[@]}" \
     --save "$RUN/checkpoints" --load "$RUN/checkpoints" --tensorboard-dir "$RUN/tensorboard" \
     "$@" > "$RUN/train.log" 2>&1 || { tail -n 30 "$RUN/train.log"; exit 1; }
