@@ -1,6 +1,7 @@
 # mhc_megatron for reproducing runs: NVIDIA's PyTorch container plus this project and the pinned
 # megatron-core. How to build and run it (Docker, SLURM with enroot/pyxis):
-# examples/docker/README.md. tests/test_docker.py checks this file without Docker.
+# examples/docker/README.md. tests/test_docker.py checks this file without an engine;
+# tests/test_docker_image.py builds and runs it with podman against a local stand-in base.
 #
 # Base: nvcr.io/nvidia/pytorch:26.07-py3. Why this tag: megatron-core 0.19.2 needs Python >= 3.12,
 # and its torch 2.13 / Triton 3.7.1 are the versions requirements.txt pins (what the CPU tests
@@ -12,7 +13,8 @@
 #   - NVIDIA's release notes (25.12, the newest the search had) put the container's packages in
 #     /usr/local/lib/python3.12/dist-packages and pin them in /etc/pip/constraint.txt (since 25.03).
 # Not verified: NVIDIA's own 26.07 release notes, the image digest (pinned by tag only: record the
-# digest of the image you pull, examples/docker/build.sh prints it), and a build of this file.
+# digest of the image you pull, examples/docker/build.sh prints it), and a build of this file on
+# that base (it is built on a stand-in: Debian with PyPI's torch 2.13, tests/test_docker_image.py).
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:26.07-py3
 FROM ${BASE_IMAGE}
 

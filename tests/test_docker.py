@@ -1,8 +1,8 @@
-"""Checks of the Dockerfile and .dockerignore that need no Docker daemon (CPU, about a second).
+"""Checks of the Dockerfile and .dockerignore that need no container engine (about a second).
 
-Docker cannot build the image on the development machines (no daemon, no network to nvcr.io), so
-no test builds it. Instead the Dockerfile is parsed here (line continuations, comments, exec and
-shell forms, ARG/ENV substitution) and checked:
+tests/test_docker_image.py builds and runs the image with podman against a stand-in base; NVIDIA's
+own base (nvcr.io) is out of reach. What the files alone show is checked here: the Dockerfile is
+parsed (line continuations, comments, exec and shell forms, ARG/ENV substitution) and checked:
 
 - the base image is NVIDIA's PyTorch container at a pinned tag whose Python, in ``NGC_PYTHON``
   below, is >= 3.12 (megatron-core 0.19.2 needs it);
