@@ -118,3 +118,13 @@ def test_stability_docs_quote_the_committed_results():
     for layer, value in zip(layers, values, strict=True):
         measured = sites[f"L{layer:03d}.mlp"]["composite_fwd_gain"]
         assert value == pytest.approx(measured, rel=0.02), layer
+
+
+def test_readme_quick_subset_is_a_real_subset():
+    """The README's quick test command selects by the ``slow`` marker that conftest.py sets on
+    the modules that launch or train, and names a module that exists for each of them."""
+    from tests.conftest import SLOW_MODULES
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert '.venv/bin/python -m pytest -q -m "not slow"' in readme
+    assert SLOW_MODULES and all((REPO_ROOT / "tests" / name).is_file() for name in SLOW_MODULES)
