@@ -146,7 +146,7 @@ def init_single_rank(device: torch.device | str) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             with socket.socket() as s:
-                s.bind(("", 0))
+                s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         dist.init_process_group("gloo" if cpu else "nccl", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)

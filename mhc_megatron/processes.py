@@ -10,14 +10,9 @@ import psutil
 
 
 def free_port() -> int:
-    """A TCP port free on every local address right now.
-
-    Bound on the wildcard address, as torchrun's TCPStore listens: a port free on 127.0.0.1 alone
-    can still be the local port of an outgoing connection (seen: pip downloading beside the
-    tests), and the store's bind then fails with EADDRINUSE.
-    """
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 

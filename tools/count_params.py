@@ -60,7 +60,7 @@ def _init_single_rank() -> None:
 
     if not dist.is_initialized():
         with socket.socket() as s:
-            s.bind(("", 0))
+            s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():

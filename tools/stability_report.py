@@ -191,7 +191,7 @@ def _initialize(args) -> None:
     from megatron.training.initialize import initialize_megatron
 
     with socket.socket() as s:  # init_process_group reads the rendezvous from the environment
-        s.bind(("", 0))
+        s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # Always this process's own one-rank group: a MASTER_PORT inherited from a parent (a test
     # session, a torchrun) would be shared by the measures that `report --jobs` runs at once.

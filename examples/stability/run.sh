@@ -27,7 +27,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 mkdir -p "$OUT_DIR"
 # Prints a TCP port that is free right now (the default rendezvous port).
-FREE_PORT_PY='import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+FREE_PORT_PY='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 
 # 1. Data: the standard library's top-level modules, byte-level (as examples/tiny; no download).

@@ -20,7 +20,7 @@ NPROC="${NPROC:-1}"
 TRAIN_ITERS="${TRAIN_ITERS:-300}"
 OUT_DIR="${OUT_DIR:-$ROOT/runs/tiny}"
 # Prints a TCP port that is free right now (the default rendezvous port).
-FREE_PORT_PY='import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+FREE_PORT_PY='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
