@@ -6,14 +6,7 @@ import sys
 
 import pytest
 
-from tests.launching import (
-    REPO_ROOT,
-    TINY_MOE,
-    launch,
-    losses,
-    port_was_taken,
-    step_losses,
-)
+from tests.launching import REPO_ROOT, TINY_MOE, child_env, launch, losses, step_losses
 
 SCRIPT = REPO_ROOT / "pretrain_mhc.py"
 
@@ -133,7 +126,6 @@ def test_tiny_example_keeps_its_log_and_trains_the_same_with_grouped_experts(tmp
     are, and prints none of Megatron's known TE/Apex warnings. With --moe-grouped-gemm
     (GroupedGemmMLP) it logs the same losses as the example as it stands (SequentialMLP): same
     initial weights, float32 rounding apart."""
-    import os
     import shutil
 
     runs = {}
@@ -141,17 +133,14 @@ def test_tiny_example_keeps_its_log_and_trains_the_same_with_grouped_experts(tmp
         out_dir = tmp_path / name
         if runs:  # the corpus the first run tokenized
             shutil.copytree(tmp_path / "sequential" / "data", out_dir / "data")
-        env = {**os.environ, "OUT_DIR": str(out_dir), "TRAIN_ITERS": "6"}
-        env.pop("TRITON_INTERPRET", None)
-        for _ in range(2):  # again if train.sh's free port was taken before torchrun bound it
-            proc = subprocess.run(
-                [str(REPO_ROOT / "examples" / "tiny" / "train.sh"), "--log-interval", "1",
-                 "--eval-iters", "0", "--save-interval", "1000", *extra],
-                env=env, capture_output=True, text=True, timeout=600,
-            )  # fmt: skip
-            text = proc.stdout + proc.stderr
-            if proc.returncode == 0 or not port_was_taken(text):
-                break
+        # No MASTER_PORT: train.sh picks a free port itself (its default, tested here).
+        env = child_env(OUT_DIR=str(out_dir), TRAIN_ITERS="6")
+        proc = subprocess.run(
+            [str(REPO_ROOT / "examples" / "tiny" / "train.sh"), "--log-interval", "1",
+             "--eval-iters", "0", "--save-interval", "1000", *extra],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        text = proc.stdout + proc.stderr
         assert proc.returncode == 0, text[-4000:]
         kind = "GroupedGemmMLP" if extra else "SequentialMLP"
         assert f"MoE experts: {kind}, " in text

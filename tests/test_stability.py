@@ -21,7 +21,7 @@ from mhc_megatron.megatron.diagnostics import (
     stability_statistics,
     summarize,
 )
-from tests.launching import CPU_LOCAL_FLAGS, REPO_ROOT, launch
+from tests.launching import CPU_LOCAL_FLAGS, REPO_ROOT, child_env, launch
 
 TOOL = REPO_ROOT / "tools" / "stability_report.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -328,8 +328,9 @@ def test_the_example_script_runs_and_reports(tmp_path):
     """examples/stability/run.sh on a 2-layer mHC model, 3 steps: each variant's log in its
     folder, named by the run's last line, and the report's JSON and PNG written."""
     out = tmp_path / "stability"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env |= dict(LAYERS="2", ITERS="3", WARMUP="1", VARIANTS="mhc", BATCHES="1", OUT_DIR=str(out))
+    env = child_env(
+        LAYERS="2", ITERS="3", WARMUP="1", VARIANTS="mhc", BATCHES="1", OUT_DIR=str(out)
+    )
     proc = subprocess.run(
         [str(REPO_ROOT / "examples" / "stability" / "run.sh")],
         env=env, capture_output=True, text=True, timeout=600,
