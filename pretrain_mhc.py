@@ -95,9 +95,11 @@ def train() -> None:
 
 def where_outputs_are(args) -> str:
     """The run's last line: where its checkpoints, TensorBoard events and log are."""
+    from mhc_megatron.training.run_checks import TRACKER
+
     parts = []
     if args.save:
-        tracker = os.path.join(args.save, "latest_checkpointed_iteration.txt")
+        tracker = os.path.join(args.save, TRACKER)
         latest = ""
         if os.path.isfile(tracker):
             with open(tracker) as f:

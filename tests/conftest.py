@@ -29,7 +29,7 @@ SLOW_MODULES = (
     "test_stability.py", "test_scaling_sweep.py", "test_device_check.py", "test_cpu_mode.py",
     "test_cpu_mode_modules.py", "test_recipes.py", "test_bench_recompute.py",
     "test_bench_step.py", "test_bench_mhc_site.py", "test_bench_traffic.py",
-    "test_kernels_chain.py",
+    "test_kernels_chain.py", "test_docker_image.py",
 )  # fmt: skip
 
 

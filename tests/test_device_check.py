@@ -7,14 +7,13 @@ configs, both training runs' losses).
 
 import json
 import math
-import os
 import subprocess
 
-from tests.launching import REPO_ROOT
+from tests.launching import REPO_ROOT, child_env
 
 
 def test_dry_run_passes_every_stage(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OUT": str(tmp_path)}
+    env = child_env(OUT=str(tmp_path))
     proc = subprocess.run(
         ["benchmarks/device_check.sh", "--dry-run"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,

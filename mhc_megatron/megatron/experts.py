@@ -215,7 +215,7 @@ class GroupedGemmMLP(MegatronModule):
             permuted_probs: ``[rows]`` routing probabilities.
         """
         x, probs = permuted_local_hidden_states, permuted_probs
-        if not self.grouped(x) and not GroupedGemmMLP._warned_loop:
+        if not GroupedGemmMLP._warned_loop and not self.grouped(x):
             GroupedGemmMLP._warned_loop = True  # once per process: every layer would repeat it
             logger.warning(
                 f"grouped-GEMM experts: torch's grouped_mm cannot take {x.dtype} on {x.device} "

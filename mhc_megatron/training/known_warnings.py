@@ -11,6 +11,7 @@ them again. Any other warning is untouched.
 
 import logging
 import os
+import re
 import warnings
 
 SHOW_ENV = "MHC_SHOW_KNOWN_WARNINGS"
@@ -60,7 +61,8 @@ def install(announce: bool = True) -> bool:
     if _installed or os.environ.get(SHOW_ENV, "") not in ("", "0"):
         return False
     for start in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=_escaped(start))
+        # `message` is a regex matched at the start of the text.
+        warnings.filterwarnings("ignore", message=re.escape(start))
     for name, (start, _) in KNOWN_LOG_RECORDS.items():
         logging.getLogger(name).addFilter(_StartsWith(start))
     _installed = True
@@ -73,10 +75,3 @@ def install(announce: bool = True) -> bool:
             flush=True,
         )
     return True
-
-
-def _escaped(start: str) -> str:
-    """``warnings`` matches ``message`` as a regex at the start of the text."""
-    import re
-
-    return re.escape(start)
