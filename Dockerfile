@@ -1,7 +1,7 @@
 # mhc_megatron for reproducing runs: NVIDIA's PyTorch container plus this project and the pinned
 # megatron-core. How to build and run it (Docker, SLURM with enroot/pyxis):
-# examples/docker/README.md. tests/test_docker.py checks this file without an engine;
-# tests/test_docker_image.py builds and runs it with podman against a local stand-in base.
+# examples/docker/README.md. tests/e2e/test_docker_*.py check this file without an engine;
+# tests/e2e/test_docker_image.py builds and runs it with podman against a local stand-in base.
 #
 # Base: nvcr.io/nvidia/pytorch:26.07-py3. Why this tag: megatron-core 0.19.2 needs Python >= 3.12,
 # and its torch 2.13 / Triton 3.7.1 are the versions requirements.txt pins (what the CPU tests
@@ -14,7 +14,7 @@
 #     /usr/local/lib/python3.12/dist-packages and pin them in /etc/pip/constraint.txt (since 25.03).
 # Not verified: NVIDIA's own 26.07 release notes, the image digest (pinned by tag only: record the
 # digest of the image you pull, examples/docker/build.sh prints it), and a build of this file on
-# that base (it is built on a stand-in: Debian with PyPI's torch 2.13, tests/test_docker_image.py).
+# that base (it is built on a stand-in: Debian with PyPI's torch 2.13, tests/e2e/test_docker_image.py).
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:26.07-py3
 FROM ${BASE_IMAGE}
 
@@ -57,7 +57,7 @@ WORKDIR /workspace/mhc_megatron
 # 1. Dependencies, before the source so that editing code does not re-run pip.
 COPY requirements.txt ./
 # requirements.txt minus the lines naming a CONTAINER_PROVIDED package. It is read from the file
-# itself, so a dependency added there is installed here too. tests/test_docker.py runs this step
+# itself, so a dependency added there is installed here too. tests/e2e/test_docker_install.py runs this step
 # on requirements.txt and compares what it keeps.
 RUN names="$(echo "${CONTAINER_PROVIDED}" | xargs | tr ' ' '|')" \
     && grep -viE "^[[:space:]]*(${names})([^A-Za-z0-9._-]|$)" requirements.txt \

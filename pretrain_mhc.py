@@ -11,7 +11,7 @@ import os
 import sys
 
 from mhc_megatron.training import known_warnings
-from mhc_megatron.training.cpu import enable_cpu_mode
+from mhc_megatron.training.cpu import enable_cpu_mode, with_cpu_flags
 
 LOG_FILE_ENV = "MHC_LOG_FILE"  # set by examples/*/*.sh, which keep the output in $OUT_DIR/logs
 
@@ -43,6 +43,7 @@ def train() -> None:
     if "--cpu" in sys.argv:
         # Before parsing: validating tensor-parallel arguments already queries the GPU.
         enable_cpu_mode()
+        sys.argv = with_cpu_flags(sys.argv)  # the local modules, no GPU fusions (cpu_settings.py)
 
     import torch
     from megatron.core.enums import ModelType
@@ -53,26 +54,24 @@ def train() -> None:
     )
     from megatron.training.arguments import parse_and_validate_args
 
-    from mhc_megatron.megatron.diagnostics import install_training_diagnostics
     from mhc_megatron.megatron.model import MHCGPTModelConfig, mhc_layer_spec
-    from mhc_megatron.training import gpt_step, guards, run_checks
+    from mhc_megatron.training import gpt_step, megatron_patches, run_checks
     from mhc_megatron.training.arguments import add_mhc_args, mhc_transformer_config_from_args
-    from mhc_megatron.training.schedule import install_step_schedule
+    from mhc_megatron.training.schedule import step_milestones
 
     args = parse_and_validate_args(extra_args_provider=add_mhc_args)
     gpt_step.check_data_paths(args)
     try:
-        install_step_schedule(args)
+        step_milestones(args)
     except ValueError as error:
         sys.exit(f"error: {error}")
     # The checkpoint, the model it holds, the data and the run lock, before any process group:
     # a refusal exits 1 on every rank, with nothing written.
     for note in run_checks.check_run(args, get_tokenizer().vocab_size):
         print_rank_0(note)
-    guards.install(args)
     config = mhc_transformer_config_from_args(args)
-    if config.mhc_enabled:
-        install_training_diagnostics(config.mhc_diagnostics_interval)
+    # Every change to Megatron's own functions, in one place (training/megatron_patches.py).
+    megatron_patches.install(args, config.mhc_enabled, config.mhc_diagnostics_interval)
     model_cfg = gpt_config_from_args(args, config=config, model_config_cls=MHCGPTModelConfig)
     if model_cfg.transformer_layer_spec is None:  # --spec given: the user's spec wins
         model_cfg.transformer_layer_spec = mhc_layer_spec

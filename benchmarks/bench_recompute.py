@@ -67,6 +67,7 @@ def _parse() -> argparse.Namespace:
 
 def _build(args, **mhc):
     from mhc_megatron.megatron import MHCTransformerConfig, build_mhc_gpt_model
+    from mhc_megatron.training.cpu_settings import CPU_CONFIG
 
     gpu = args.device == "cuda"
     config = MHCTransformerConfig(
@@ -83,14 +84,8 @@ def _build(args, **mhc):
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
-        transformer_impl="local",
+        **CPU_CONFIG,  # local modules, no fusions: also all a GPU without TE or apex runs
         add_bias_linear=False,
-        bias_dropout_fusion=False,
-        bias_activation_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bf16=gpu,

@@ -132,16 +132,18 @@ def build_model(args, overrides: dict, device: torch.device) -> torch.nn.Module:
     from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
 
     from mhc_megatron.megatron import MHCTransformerConfig, build_mhc_gpt_model
+    from mhc_megatron.training.cpu_settings import CPU_CONFIG
 
     cpu = device.type == "cpu"
     config = MHCTransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        ffn_hidden_size=args.dense_ffn, transformer_impl="local", use_cpu_initialization=cpu,
+        ffn_hidden_size=args.dense_ffn, use_cpu_initialization=cpu,
+        # Local modules, no fusions (no TE or apex on the GPU machine either; the compiled
+        # swiglu alone is ~25 s of cold start).
+        **CPU_CONFIG,
         bf16=True, params_dtype=torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0,
         add_bias_linear=False, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=F.silu, gradient_accumulation_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        bias_activation_fusion=False,  # torch.compile'd swiglu: ~25 s cold start, a risk on GPU
+        activation_func=F.silu,
         num_moe_experts=args.experts, moe_router_topk=args.topk, moe_ffn_hidden_size=args.moe_ffn,
         moe_shared_expert_intermediate_size=args.shared * args.moe_ffn,
         moe_token_dispatcher_type="alltoall",

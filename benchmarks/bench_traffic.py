@@ -93,12 +93,12 @@ def _run_fused(x, p, state):
 def _run_recompute(x, p, state):
     from mhc_megatron import kernels
     from mhc_megatron.kernels import site as fused_site
-    from mhc_megatron.megatron.recompute import StreamBlock, enter_site, exit_site
+    from mhc_megatron.megatron.recompute import RecomputeBlock, enter_site, exit_site
 
     config = types.SimpleNamespace(mhc_sinkhorn_iters=ITERS, mhc_eps=EPS)
     site = types.SimpleNamespace(**p, config=config, observe=lambda *coefficients: None)
     if "block" not in state:  # the sites of one measurement share a block, as a layer's do
-        state["block"] = StreamBlock(x, kernels.mhc_post_res, fused_site)
+        state["block"] = RecomputeBlock(x, kernels.mhc_post_res, fused_site)
     block = state["block"]
     u, h_post, h_res, index = enter_site(block, site, x, kernels.mhc_pre)
     return exit_site(block, x, _Branch.apply(u), h_post, h_res, index)

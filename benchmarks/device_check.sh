@@ -51,6 +51,8 @@ fi
 LOGS="$OUT/logs"
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
+# The GPU machine has no install of this package: the checkout itself is on the path.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 STAGES="$OUT/stages.jsonl"
 : >"$STAGES"
 
@@ -135,8 +137,9 @@ print(json.dumps(info))
 EOF
 
 stage kernel_tests "${LIMITS[0]}" "$PYTHON" -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" \
-  tests/test_kernels_mix.py tests/test_kernels_coefficients.py tests/test_kernels_site.py \
-  tests/test_kernels_chain.py
+  tests/kernels/test_kernels_mix.py tests/kernels/test_kernels_coefficients.py \
+  tests/kernels/test_kernels_site.py \
+  tests/kernels/test_kernels_chain.py
 stage mhc_site "${LIMITS[1]}" "$PYTHON" benchmarks/bench_mhc_site.py "${SITE_ARGS[@]}"
 stage mhc_site_compile "${LIMITS[2]}" "$PYTHON" benchmarks/bench_mhc_site.py "${COMPILE_ARGS[@]}"
 stage step "${LIMITS[3]}" "$PYTHON" benchmarks/bench_step.py "${STEP_ARGS[@]}"

@@ -14,16 +14,12 @@ Exits 1 when a stage failed, naming it.
 
 import argparse
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
 
-# Megatron's per-iteration log line (training.py's training_log).
-ITERATION = re.compile(
-    r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+) \|"
-    r".*?lm loss: ([0-9.E+-]+) \|"
-)
+from mhc_megatron import megatron_log
+
 WARMUP_STEPS = 3  # left out of the median: allocator growth, Triton's JIT
 
 
@@ -69,7 +65,10 @@ def experts_summary(data: dict | None) -> list[dict] | None:
 def training_summary(log: Path) -> dict | None:
     if not log.exists():
         return None
-    steps = [(int(i), float(ms), float(loss)) for i, ms, loss in ITERATION.findall(log.read_text())]
+    steps = [
+        (line.iteration, line.number("elapsed time per iteration (ms)"), line.number("lm loss"))
+        for line in megatron_log.iterations(log.read_text())
+    ]
     times = [ms for i, ms, _ in steps if i > WARMUP_STEPS]
     return {
         "steps": len(steps),

@@ -6,6 +6,7 @@ training processes it starts.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Modules that switch this process to CPU mode (training/cpu.py), which refuses once CUDA is
-# initialised. On a machine with a GPU the kernel tests initialise it, so there these modules
-# run in a child pytest with the GPU hidden (tests/test_cpu_mode_modules.py); on a CPU-only
-# machine they run here.
-CPU_MODE_MODULES = ("test_mhc_model.py", "test_grouped_experts.py")
+# The folder whose modules switch this process to CPU mode (training/cpu.py; its conftest.py),
+# which refuses once CUDA is initialised. On a machine with a GPU the kernel tests initialise it,
+# so there this folder runs in a child pytest with the GPU hidden
+# (tests/e2e/test_cpu_mode_modules.py); on a CPU-only machine it runs here.
+CPU_MODE_DIR = Path(__file__).resolve().parent / "megatron"
 CPU_MODE_CHILD = "MHC_TESTS_CPU_MODE_CHILD"  # set in that child
 
 
@@ -43,8 +44,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     if not torch.cuda.is_available() or os.environ.get(CPU_MODE_CHILD):
         return
-    kept = [item for item in items if item.path.name not in CPU_MODE_MODULES]
-    moved = [item for item in items if item.path.name in CPU_MODE_MODULES]
+    kept = [item for item in items if item.path.parent != CPU_MODE_DIR]
+    moved = [item for item in items if item.path.parent == CPU_MODE_DIR]
     if moved:
         config.hook.pytest_deselected(items=moved)
         items[:] = kept

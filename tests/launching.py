@@ -5,18 +5,17 @@ each launch runs in its own session and the whole process group is killed when i
 """
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+from mhc_megatron import megatron_log
 from mhc_megatron.processes import free_port, wait_or_kill
-from mhc_megatron.training.cpu import CPU_FLAGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# CPU flags (mhc_megatron/training/cpu.py) plus --disable-bias-linear, which MoE needs on CPU
-# (the expert bias+GeLU fusion is refused).
-CPU_LOCAL_FLAGS = [*CPU_FLAGS, "--disable-bias-linear"]
+# --cpu (it implies the local modules and no GPU fusions: mhc_megatron/training/cpu_settings.py)
+# plus --disable-bias-linear, which MoE needs on CPU (the expert bias+GeLU fusion is refused).
+CPU_LOCAL_FLAGS = ["--cpu", "--disable-bias-linear"]
 # A 2-layer MoE mHC model small enough for a few CPU steps per second (data and batch flags are
 # the caller's).
 TINY_MOE = [
@@ -31,7 +30,6 @@ TINY_MOE = [
     "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "0",
     "--tokenizer-type", "NullTokenizer", "--vocab-size", "257", "--seed", "1234",
 ]  # fmt: skip
-ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([0-9.E+-]+) \|")
 
 
 def start(script: Path, nproc: int, args: list[str], out) -> subprocess.Popen:
@@ -64,17 +62,15 @@ def child_env(**overrides: str) -> dict[str, str]:
     """The environment for a script that launches training (examples/*.sh) from a test.
 
     Without TRITON_INTERPRET (conftest.py sets it for the kernel tests) and without MASTER_ADDR /
-    MASTER_PORT: the in-process CPU-mode tests (test_mhc_model.py's fixture) set them for this
-    process's own process group, whose store still listens there, and a script that honours
+    MASTER_PORT: the in-process CPU-mode tests (tests/megatron/conftest.py's fixture) set them for
+    this process's own process group, whose store still listens there, and a script that honours
     MASTER_PORT would rendezvous on that port and fail with EADDRINUSE (seen twice).
     """
     dropped = ("TRITON_INTERPRET", "MASTER_ADDR", "MASTER_PORT")
     return {k: v for k, v in os.environ.items() if k not in dropped} | overrides
 
 
-def losses(text: str) -> dict[int, float]:
-    """``{iteration: lm loss}`` from Megatron's ``iteration ... | lm loss: ...`` lines."""
-    return {int(it): float(loss) for it, _, loss in ITERATION_RE.findall(text)}
+losses = megatron_log.losses  # {iteration: lm loss} of a launch's log
 
 
 def step_losses(text: str) -> dict[int, float]:

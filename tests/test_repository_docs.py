@@ -37,7 +37,7 @@ def test_the_spec_has_the_sections_the_code_cites():
     spec = (REPO_ROOT / "docs" / "mhc-spec.md").read_text()
     headings = {int(n) for n in re.findall(r"^## (\d+)\. ", spec, flags=re.M)}
     cited = set()
-    for path in [*REPO_ROOT.glob("mhc_megatron/**/*.py"), *REPO_ROOT.glob("tests/*.py"),
+    for path in [*REPO_ROOT.glob("mhc_megatron/**/*.py"), *REPO_ROOT.glob("tests/**/*.py"),
                  *REPO_ROOT.glob("tools/*.py")]:  # fmt: skip
         cited |= {int(n) for n in re.findall(r"spec(?:\.md``?)? section (\d+)", path.read_text())}
     assert cited and cited <= headings, (sorted(cited), sorted(headings))

@@ -107,7 +107,7 @@ def count_parameters(model, topk: int | None, num_experts: int | None) -> dict[s
     """Parameter counts by kind, and the total and active counts (module docstring).
 
     Args:
-        model: a whole GPTModel / MHCGPTModel (every layer on this rank).
+        model: a whole GPTModel (every layer on this rank).
         topk: routed experts per token (None for a dense model).
         num_experts: routed experts per MoE layer.
 

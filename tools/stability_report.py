@@ -162,16 +162,13 @@ def _single_rank_args(ckpt_args, load_dir: Path, iteration: int | None, opts, cp
         setattr(args, name, value)
     args.cpu = cpu
     if cpu:
-        # What pretrain_mhc.py needs on CPU (CPU_FLAGS in mhc_megatron/training/cpu.py): the local
-        # modules, no fused kernels, fp32 (no bf16 CPU kernels for everything).
-        for name in (
-            "persist_layer_norm", "gradient_accumulation_fusion", "masked_softmax_fusion",
-            "bias_dropout_fusion", "apply_rope_fusion", "bias_swiglu_fusion", "bias_gelu_fusion",
-            "moe_grouped_gemm", "bf16", "fp16", "tp_comm_overlap",
-        ):  # fmt: skip
+        from mhc_megatron.training.cpu_settings import apply_cpu_settings
+
+        apply_cpu_settings(args)  # what --cpu implies: the local modules, no GPU fusions
+        # fp32 (no bf16 CPU kernels for everything); no TP comm overlap without TP.
+        for name in ("bf16", "fp16", "tp_comm_overlap"):
             if hasattr(args, name):
                 setattr(args, name, False)
-        args.transformer_impl = "local"
         args.params_dtype = torch.float32
         if getattr(args, "mhc_backend", "auto") == "triton":
             args.mhc_backend = "auto"  # the fused kernels run on CUDA only (or interpreted)

@@ -4,7 +4,7 @@
 # (Python 3.13) from Debian's archive with mmdebstrap, pip from its wheel, and torch 2.13.0 and
 # triton 3.7.1 from PyPI (the versions requirements.txt pins and NGC 26.07 ships). It has no
 # TransformerEngine, apex or CUDA driver: enough for the Dockerfile, unmodified
-# (--build-arg BASE_IMAGE=<this tag>), and the CPU default command. tests/test_docker_image.py
+# (--build-arg BASE_IMAGE=<this tag>), and the CPU default command. tests/e2e/test_docker_image.py
 # uses it.
 #
 #   examples/docker/standin_base.sh [TAG]   # prints TAG; builds it only if the engine lacks it

@@ -14,7 +14,7 @@
 SEQ_LENGTH=4096
 VOCAB_SIZE=129280
 # The dense layer's FFN has the width of the 8 experts a token reaches (6 routed + 2 shared):
-# with it the model has the paper's Table 5 parameter counts (tests/test_recipes.py).
+# with it the model has the paper's Table 5 parameter counts (tests/e2e/test_recipes.py).
 DENSE_FFN=$((8 * EXPERT_FFN))
 # Tokens / (global batch x sequence): the paper's step count.
 TRAIN_ITERS=$((TOKENS / (GLOBAL_BATCH * SEQ_LENGTH)))

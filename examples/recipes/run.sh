@@ -62,12 +62,8 @@ keep_log "$OUT_DIR"  # everything below also goes to $OUT_DIR/logs/train-DATE-HO
 
 DEVICE_ARGS=()
 if [[ "${CPU:-}" == 1 ]]; then
-  # What the local modules need on CPU (no apex / TransformerEngine; see
-  # mhc_megatron/training/cpu.py); the fusions only pay off on a GPU.
-  DEVICE_ARGS=(
-    --cpu --transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion
-    --no-masked-softmax-fusion --no-bias-dropout-fusion --no-rope-fusion --no-bias-swiglu-fusion
-  )
+  # --cpu implies the local modules and no GPU fusions (mhc_megatron/training/cpu_settings.py).
+  DEVICE_ARGS=(--cpu)
   # bf16 has no CPU kernels here; --moe-grouped-gemm stays: without TransformerEngine the
   # experts run torch's grouped GEMM, which CPUs have too (mhc_megatron/megatron/experts.py).
   KEEP=(); for a in "${TRAIN_ARGS[@]}"; do

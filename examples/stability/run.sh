@@ -50,12 +50,8 @@ if [[ "$MOE" == 1 ]]; then
     --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 1e-2
   )
 fi
-# The CPU flags of examples/recipes/run.sh (local modules, no GPU fusions).
-CPU_ARGS=(
-  --cpu --transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion
-  --no-masked-softmax-fusion --disable-bias-linear --no-bias-dropout-fusion --no-rope-fusion
-  --no-bias-swiglu-fusion
-)
+# --cpu implies the local modules and no GPU fusions (mhc_megatron/training/cpu_settings.py).
+CPU_ARGS=(--cpu --disable-bias-linear)
 TRAIN_ARGS=(
   --micro-batch-size "$MBS" --global-batch-size "$MBS" --train-iters "$ITERS"
   --lr "$LR" --min-lr "$LR" --lr-warmup-iters "$WARMUP" --lr-decay-style constant

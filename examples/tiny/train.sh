@@ -35,10 +35,7 @@ DATA_PREFIX="$OUT_DIR/data/stdlib"
 
 # 2. Train. Byte-level tokens: NullTokenizer with vocab 257 (eod = 256).
 ARGS=(
-  --cpu
-  --transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion
-  --no-masked-softmax-fusion --disable-bias-linear --no-bias-dropout-fusion --no-rope-fusion
-  --no-bias-swiglu-fusion
+  --cpu --disable-bias-linear  # --cpu: local modules, no GPU fusions (cpu_settings.py)
   --num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 256
   --seq-length 128 --max-position-embeddings 128 --position-embedding-type rope
   --normalization RMSNorm --swiglu --untie-embeddings-and-output-weights

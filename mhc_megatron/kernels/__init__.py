@@ -14,6 +14,21 @@ MAX_STREAMS = 8
 """Largest n the kernels take: a token's n x n matrix and an [n, BLOCK_C] tile live in
 registers."""
 
+
+def unsupported_num_streams(n: int) -> str | None:
+    """Why the kernels cannot take ``n`` streams, saying what to change; None when they can.
+
+    The one check of n against the kernels: the kernel entry points, the config's validation
+    and ``--mhc-backend auto`` all ask here.
+    """
+    if 1 <= n <= MAX_STREAMS:
+        return None
+    return (
+        f"mhc_num_streams={n} is not supported by the fused kernels (n <= {MAX_STREAMS}); "
+        "use --mhc-backend torch"
+    )
+
+
 _MODULE_OF = {
     "mhc_coefficients": "coefficients",
     "mhc_pre": "pre",
@@ -22,7 +37,7 @@ _MODULE_OF = {
     "mhc_site_exit": "site",
 }
 
-__all__ = ["MAX_STREAMS", *_MODULE_OF]
+__all__ = ["MAX_STREAMS", "unsupported_num_streams", *_MODULE_OF]
 
 
 def __getattr__(name: str):

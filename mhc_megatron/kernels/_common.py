@@ -2,16 +2,14 @@
 
 import triton
 
-from mhc_megatron.kernels import MAX_STREAMS
+from mhc_megatron.kernels import unsupported_num_streams
 
 
 def check_num_streams(n: int) -> None:
     """Raise ValueError, saying what to change, for an n the kernels do not take."""
-    if not 1 <= n <= MAX_STREAMS:
-        raise ValueError(
-            f"mhc_num_streams={n} is not supported by the fused kernels (n <= {MAX_STREAMS}); "
-            "use --mhc-backend torch"
-        )
+    problem = unsupported_num_streams(n)
+    if problem:
+        raise ValueError(problem)
 
 
 def stream_tile(n: int, C: int, max_tile: int) -> tuple[int, int, int]:

@@ -1,5 +1,7 @@
-"""Two sites chained in backward: one pass writes site B's ``dx`` and does the backward of the
-residual mix (exit) of site A, the site whose output streams B reads.
+"""Two sites chained in backward: site B's ``dx`` pass fused with site A's exit backward.
+
+One pass writes site B's ``dx`` and does the backward of the residual mix (exit) of site A, the
+site whose output streams B reads.
 
 In a model, site A's exit ``x_B = exit_A(x_A, y_A)`` feeds site B, and autograd runs B's enter
 backward (the ``dx`` pass of :mod:`mhc_megatron.kernels.site`) and then A's exit backward, which
@@ -136,8 +138,9 @@ def backward_x_chain(fn, dm, rms_coef, site, chain, n):
 
     Args:
         fn: ``[N, n*C]`` site B's projection (``N = n*n + 2n``).
-        dm, rms_coef: ``[T, N]``, ``[T]`` from site B's coefficient backward
-            (``kernels.coefficients._backward_coef``).
+        dm: ``[T, N]`` gradient of site B's raw coefficients, from site B's coefficient
+            backward (``kernels.coefficients._backward_coef``).
+        rms_coef: ``[T]`` per-token RMS factor from the same coefficient backward.
         site: ``(du [T, C], h_pre [T, n], h_res [T, n, n], dout [T, n*C] or None)`` of site B,
             as ``kernels.coefficients._backward_x`` takes them.
         chain: ``(x [T, n*C], y [T, C], h_post [T, n], h_res [T, n, n])``, site A's exit

@@ -1,5 +1,6 @@
-"""Fused Triton kernels of the mHC coefficients (``docs/mhc-spec.md`` section 1), forward and
-backward, matching :func:`mhc_megatron.ops.mhc_coefficients`.
+"""Fused Triton kernels of the mHC coefficients (``docs/mhc-spec.md`` section 1).
+
+Forward and backward, matching :func:`mhc_megatron.ops.mhc_coefficients`.
 
 Per token ``x: [n*C]`` (fp32 math), with ``N = n*n + 2n`` rows of ``fn`` ordered
 ``[pre (n) | post (n) | res (n*n)]``::
@@ -60,8 +61,10 @@ def _dot(a, b, acc, MODE: tl.constexpr):
 
 @triton.jit
 def _row_groups(n: tl.constexpr, W2: tl.constexpr, P: tl.constexpr):
-    """Rows of ``fn`` (= columns of ``mixes``) in the two register layouts: ``[pre | post]``
-    padded to ``W2``, and ``res`` as a ``P x P`` matrix flattened row-major."""
+    """Rows of ``fn`` (= columns of ``mixes``) in the two register layouts.
+
+    ``[pre | post]`` padded to ``W2``, and ``res`` as a ``P x P`` matrix flattened row-major.
+    """
     pp = tl.arange(0, W2)
     r = tl.arange(0, P * P)
     i = r // P
@@ -71,8 +74,10 @@ def _row_groups(n: tl.constexpr, W2: tl.constexpr, P: tl.constexpr):
 
 @triton.jit
 def _tile(ptr, rows, row_mask, cols, col_mask, stride):
-    """The ``[len(rows), len(cols)]`` fp32 tile at ``ptr + rows * stride + cols``, 0 where
-    masked."""
+    """The ``[len(rows), len(cols)]`` fp32 tile at ``ptr + rows * stride + cols``.
+
+    Entries outside ``row_mask`` and ``col_mask`` are 0.
+    """
     return tl.load(
         ptr + rows[:, None] * stride + cols[None, :],
         mask=row_mask[:, None] & col_mask[None, :],
@@ -92,9 +97,11 @@ def _sinkhorn(
     P: tl.constexpr,
     SAVE: tl.constexpr,
 ):
-    """Sinkhorn of ``logits: [BT, P, P]`` (entries outside ``valid`` are padding). With ``SAVE``,
-    iteration ``k`` stores its column and row denominators ``[BT, P]`` at ``den_ptr +
-    (2k, 2k+1) * BT*P + den_offs``. Returns ``(M, max)``."""
+    """Sinkhorn of ``logits: [BT, P, P]`` (entries outside ``valid`` are padding).
+
+    With ``SAVE``, iteration ``k`` stores its column and row denominators ``[BT, P]`` at
+    ``den_ptr + (2k, 2k+1) * BT*P + den_offs``. Returns ``(M, max)``.
+    """
     logits = tl.where(valid, logits, float("-inf"))  # padding: exp(-inf) = 0
     mx = tl.max(tl.max(logits, axis=2), axis=1)
     m = tl.exp(logits - mx[:, None, None])
@@ -336,8 +343,10 @@ def _bwd_x_kernel(x_ptr, fn_ptr, dm_ptr, rms_coef_ptr, dx_ptr, part_fn_ptr, du_p
 
 
 def _layout(n: int) -> tuple[int, int]:
-    """``(W2, P)``: register widths of ``[pre | post]`` and of the res matrix side; ``tl.dot``
-    needs every dimension >= 16, hence ``W2 >= 16`` and ``P*P >= 16``."""
+    """``(W2, P)``: register widths of ``[pre | post]`` and of the res matrix side.
+
+    ``tl.dot`` needs every dimension >= 16, hence ``W2 >= 16`` and ``P*P >= 16``.
+    """
     return max(16, triton.next_power_of_2(2 * n)), max(4, triton.next_power_of_2(n))
 
 
@@ -349,8 +358,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _token_splits(t: int, bt: int, column_blocks: int, device: torch.device) -> tuple[int, int]:
-    """``(splits, tokens per split)`` of a pass whose programs own a column block for a range
-    of tokens: enough programs to fill the GPU twice over, each range a multiple of ``bt``."""
+    """``(splits, tokens per split)`` of a pass whose programs own a column block.
+
+    Each program owns its column block for a range of tokens: enough programs to fill the GPU
+    twice over, each range a multiple of ``bt``.
+    """
     splits = max(1, min(triton.cdiv(t, bt), triton.cdiv(2 * _num_sms(device), column_blocks)))
     per_split = max(1, triton.cdiv(triton.cdiv(t, splits), bt)) * bt
     return max(1, triton.cdiv(t, per_split)), per_split
@@ -385,9 +397,11 @@ def _check(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
 
 
 def _forward(x2, fn, base, scale, n, iters, eps, pre=False):
-    """Launches ``_fwd_kernel`` on ``x2: [T, n*C]``; returns ``(h_pre [T, n], h_post [T, n],
-    h_res [T, n, n], mixes [T, N], inv_rms [T])``, all fp32, then with ``pre`` the pre-mix
-    ``u [T, C]`` in x's dtype."""
+    """Launches ``_fwd_kernel`` on ``x2: [T, n*C]``.
+
+    Returns ``(h_pre [T, n], h_post [T, n], h_res [T, n, n], mixes [T, N], inv_rms [T])``, all
+    fp32, then with ``pre`` the pre-mix ``u [T, C]`` in x's dtype.
+    """
     t, k = x2.shape
     u = torch.empty(t, k // n, dtype=x2.dtype, device=x2.device) if pre else None
     w2, p = _layout(n)
@@ -427,9 +441,12 @@ def _backward(x2, fn, base, scale, mixes, inv_rms, g_pre, g_post, g_res, n, iter
 
 
 def _backward_coef(mixes, inv_rms, base, scale, g_pre, g_post, g_res, k, n, iters, eps):
-    """The coefficients' backward, per token: ``(d_mixes * inv_rms [T, N], rms_coef [T],
-    d_base [N], d_scale [3])``; ``d_x = rms_coef * x + (d_mixes * inv_rms) @ fn`` and
-    ``d_fn = (d_mixes * inv_rms).T @ x`` follow in a pass over ``x`` (:func:`_backward_x`)."""
+    """The coefficients' backward, per token.
+
+    Returns ``(d_mixes * inv_rms [T, N], rms_coef [T], d_base [N], d_scale [3])``;
+    ``d_x = rms_coef * x + (d_mixes * inv_rms) @ fn`` and ``d_fn = (d_mixes * inv_rms).T @ x``
+    follow in a pass over ``x`` (:func:`_backward_x`).
+    """
     t = mixes.shape[0]
     rows = n * n + 2 * n
     w2, p = _layout(n)
@@ -451,8 +468,10 @@ def _backward_coef(mixes, inv_rms, base, scale, g_pre, g_post, g_res, k, n, iter
 
 
 def _backward_x(x2, fn, dm, rms_coef, n, site=None):
-    """``(d_x [T, n*C], d_fn [N, n*C])`` from :func:`_backward_coef`'s outputs; ``site`` as
-    :func:`_backward`."""
+    """``(d_x [T, n*C], d_fn [N, n*C])`` from :func:`_backward_coef`'s outputs.
+
+    ``site`` is as in :func:`_backward`.
+    """
     t, k = x2.shape
     c = k // n
     rows = n * n + 2 * n
@@ -481,6 +500,11 @@ class MHCCoefficientsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, fn, base, scale, iters, eps):
+        """Runs the fused forward on ``x: [..., n, C]``; returns ``(h_pre, h_post, h_res)``.
+
+        Saves ``x`` flattened to ``[T, n*C]``, the parameters, ``mixes`` and ``inv_rms`` for
+        the backward.
+        """
         n, c = x.shape[-2], x.shape[-1]
         x2 = x.reshape(-1, n * c).contiguous()
         h_pre, h_post, h_res, mixes, inv_rms = _forward(x2, fn, base, scale, n, iters, eps)
@@ -491,6 +515,7 @@ class MHCCoefficientsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_pre, g_post, g_res):
+        """Gradients of ``(x, fn, base, scale)`` from those of ``(h_pre, h_post, h_res)``."""
         x2, fn, base, scale, mixes, inv_rms = ctx.saved_tensors
         n = ctx.n
         # Gradients of sums arrive expanded (stride 0): the kernels index them as dense [T, ...].
@@ -513,8 +538,10 @@ def mhc_coefficients(
     eps: float = 1e-6,
     deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused mHC coefficients of one site; same math and signature as
-    :func:`mhc_megatron.ops.mhc_coefficients`, plus ``deterministic``.
+    """Fused mHC coefficients of one site.
+
+    Same math and signature as :func:`mhc_megatron.ops.mhc_coefficients`, plus
+    ``deterministic``.
 
     Args:
         x: ``[..., n, C]`` streams, bf16, fp16 or fp32 (math in fp32), ``n <= 8``; leading dims

@@ -184,8 +184,10 @@ def post_res_backward(
     """Launch the backward.
 
     Args:
-        x: ``[T, n, C]``, y: ``[T, C]``, h_post: ``[T, n]``, h_res: ``[T, n, n]``: the forward's
-            inputs, contiguous.
+        x: ``[T, n, C]`` contiguous streams, the forward's input.
+        y: ``[T, C]`` contiguous branch output, the forward's input.
+        h_post: ``[T, n]`` contiguous, the forward's input.
+        h_res: ``[T, n, n]`` contiguous, the forward's input.
         dout: ``[T, n, C]`` contiguous gradient of ``x_next``.
         write_dx: compute ``dx``; the fused site passes False and adds ``h_res.T @ dout`` to its
             single ``dx`` pass (:mod:`mhc_megatron.kernels.site`).
@@ -230,6 +232,10 @@ class MHCPostResFunction(torch.autograd.Function):
     def forward(
         ctx, x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
     ) -> torch.Tensor:
+        """Checks the inputs, flattens them to ``T`` tokens and runs the fused forward.
+
+        Returns ``x_next: [..., n, C]`` in x's dtype.
+        """
         _check_inputs(x, y, h_post, h_res)
         lead, (n, C) = x.shape[:-2], x.shape[-2:]
         T = math.prod(lead)  # explicit, so that empty tensors reshape too
@@ -246,6 +252,7 @@ class MHCPostResFunction(torch.autograd.Function):
     def backward(
         ctx, dout: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of ``(x, y, h_post, h_res)``, each in its input's dtype and shape."""
         x2, y2, hp2, hr2 = ctx.saved_tensors
         T, n, C = x2.shape
         lead = dout.shape[:-2]
@@ -265,8 +272,9 @@ class MHCPostResFunction(torch.autograd.Function):
 def mhc_post_res(
     x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
 ) -> torch.Tensor:
-    """New streams ``x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] y`` (spec eq. 3), fused;
-    same as ``ops.mhc_post_res``.
+    """New streams ``x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] y`` (spec eq. 3), fused.
+
+    Same as ``ops.mhc_post_res``.
 
     Args:
         x: ``[..., n, C]`` streams entering the site, float32 / bfloat16 / float16, ``n <= 8``.

@@ -158,6 +158,10 @@ class MHCPreFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+        """Checks the inputs, flattens them to ``T`` tokens and runs the fused forward.
+
+        Returns ``u: [..., C]`` in x's dtype.
+        """
         _check_inputs(x, h_pre)
         lead, (n, C) = x.shape[:-2], x.shape[-2:]
         T = math.prod(lead)  # explicit, so that empty tensors reshape too
@@ -170,6 +174,7 @@ class MHCPreFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, du: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of ``(x, h_pre)`` from ``du: [..., C]``, in the inputs' dtypes."""
         x2, h2 = ctx.saved_tensors
         T, n, C = x2.shape
         lead = du.shape[:-1]

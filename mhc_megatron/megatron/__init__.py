@@ -1,4 +1,4 @@
-"""The only package that imports megatron.core: config, site, layer, specs, model."""
+"""The package that imports megatron.core: config, sites, layers, streams, specs, model builder."""
 
 from mhc_megatron.megatron.config import (
     MHCConfigError,
@@ -8,7 +8,6 @@ from mhc_megatron.megatron.config import (
 )
 from mhc_megatron.megatron.layer import MHCTransformerLayer
 from mhc_megatron.megatron.model import (
-    MHCGPTModel,
     MHCGPTModelBuilder,
     MHCGPTModelConfig,
     build_mhc_gpt_model,
@@ -18,7 +17,6 @@ from mhc_megatron.megatron.specs import get_mhc_decoder_block_spec
 
 __all__ = [
     "MHCConfigError",
-    "MHCGPTModel",
     "MHCGPTModelBuilder",
     "MHCGPTModelConfig",
     "MHCMLATransformerConfig",

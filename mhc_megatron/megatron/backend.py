@@ -7,7 +7,8 @@ import types
 import torch
 
 from mhc_megatron import ops
-from mhc_megatron.megatron.config import MAX_KERNEL_STREAMS, MHCConfigError, MHCTransformerConfig
+from mhc_megatron.kernels import unsupported_num_streams
+from mhc_megatron.megatron.config import MHCConfigError, MHCTransformerConfig
 
 
 def _interpreting() -> bool:
@@ -47,7 +48,7 @@ def resolve_backend(config: MHCTransformerConfig, device: torch.device) -> str:
     if config.mhc_backend == "torch":
         return "torch"
     if config.mhc_backend == "auto":
-        supported = config.mhc_num_streams <= MAX_KERNEL_STREAMS
+        supported = unsupported_num_streams(config.mhc_num_streams) is None
         return "triton" if device.type == "cuda" and supported and _triton_importable() else "torch"
     if not _triton_importable():
         raise MHCConfigError(

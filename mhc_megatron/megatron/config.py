@@ -7,6 +7,7 @@ from typing import Literal
 from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
 from mhc_megatron.kernels import MAX_STREAMS as MAX_KERNEL_STREAMS
+from mhc_megatron.kernels import unsupported_num_streams
 from mhc_megatron.ops import MAX_LITE_STREAMS
 
 VARIANTS = ("residual", "hc", "mhc", "mhc-lite")
@@ -105,6 +106,7 @@ class MHCTransformerConfig(TransformerConfig):
         return self.mhc_variant != "residual"
 
     def _check_mhc_fields(self) -> None:
+        kernel_problem = unsupported_num_streams(self.mhc_num_streams)
         checks = [
             (
                 self.mhc_variant in VARIANTS,
@@ -160,9 +162,8 @@ class MHCTransformerConfig(TransformerConfig):
                 "length in layers >= 1 (--mhc-recompute [stage|N])",
             ),
             (
-                self.mhc_backend != "triton" or self.mhc_num_streams <= MAX_KERNEL_STREAMS,
-                f"mhc_num_streams={self.mhc_num_streams} is not supported by the fused kernels "
-                f"(n <= {MAX_KERNEL_STREAMS}); use --mhc-backend torch",
+                self.mhc_backend != "triton" or kernel_problem is None,
+                kernel_problem,
             ),
         ]
         for ok, message in checks:

@@ -10,12 +10,12 @@ and column errors (largest ``|sum - 1|`` over tokens) and the mean ``h_pre`` and
 
 Recording is off unless ``RECORDER`` is armed: every MHCSite offers its coefficients to it.
 Training arms it for one micro-batch every ``--mhc-diagnostics-interval`` iterations
-(``install_training_diagnostics``); ``tools/stability_report.py`` arms it for evaluation batches.
+(``mhc_megatron/training/stability_log.py``); ``tools/stability_report.py`` arms it for
+evaluation batches.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -177,71 +177,6 @@ def gather_records(records: dict[str, list[SiteRecord]], group) -> dict[str, lis
     for part in gathered:
         merged.update(part)
     return merged
-
-
-def write_tensorboard(writer, stats: dict[str, dict[str, float]], iteration: int) -> None:
-    """``mhc-stability/<metric>/<site>`` per site and ``mhc-stability/<headline>`` scalars."""
-    for key, values in stats.items():
-        for name, value in values.items():
-            writer.add_scalar(f"mhc-stability/{name}/{key}", value, iteration)
-    for name, value in summarize(stats).items():
-        writer.add_scalar(f"mhc-stability/{name}", value, iteration)
-    writer.flush()
-
-
-def install_training_diagnostics(interval: int) -> None:
-    """Makes Megatron's ``train_step`` record one micro-batch every ``interval`` iterations.
-
-    Megatron calls ``megatron.training.training.train_step`` once per iteration with
-    ``args.curr_iteration`` set to the iterations done; the wrapper arms ``RECORDER`` around due
-    steps, gathers the records of every pipeline stage, writes TensorBoard scalars at the step
-    Megatron's own scalars use (iterations done after the step) and prints the headline numbers
-    on the last rank.
-    """
-    if interval <= 0:
-        return
-    from megatron.core import parallel_state
-    from megatron.training import get_args, get_tensorboard_writer, training
-    from megatron.training.utils import print_rank_last
-
-    step = training.train_step
-    if getattr(step, "mhc_diagnostics", False):  # installed before: wrap the original once
-        step = step.__wrapped__
-
-    @functools.wraps(step)
-    def train_step_with_diagnostics(*args, **kwargs):
-        iteration = get_args().curr_iteration + 1
-        due = iteration % interval == 0
-        if due:
-            RECORDER.arm(max_records=1)
-        try:
-            result = step(*args, **kwargs)
-        finally:
-            RECORDER.disarm()
-        if due:
-            records = gather_records(
-                RECORDER.records, parallel_state.get_pipeline_model_parallel_group()
-            )
-            RECORDER.records = {}
-            stats = stability_statistics(records)
-            writer = get_tensorboard_writer()
-            if writer is not None and stats:
-                write_tensorboard(writer, stats, iteration)
-            if stats:
-                head = summarize(stats)
-                print_rank_last(
-                    f"mHC stability at iteration {iteration}: composite amax gain at the last "
-                    f"site fwd {head['composite_fwd_gain_last']:.4g} bwd "
-                    f"{head['composite_bwd_gain_last']:.4g}; largest single-site gain fwd "
-                    f"{head['fwd_gain_max']:.4g} bwd {head['bwd_gain_max']:.4g}; largest "
-                    f"|row sum - 1| {head['row_error_max']:.2e}, |column sum - 1| "
-                    f"{head['col_error_max']:.2e} "
-                    f"({len(stats)} sites)"
-                )
-        return result
-
-    train_step_with_diagnostics.mhc_diagnostics = True
-    training.train_step = train_step_with_diagnostics
 
 
 @dataclass

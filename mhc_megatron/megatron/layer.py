@@ -5,8 +5,14 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
 from mhc_megatron.megatron.backend import site_ops
-from mhc_megatron.megatron.recompute import BLOCK_ATTRIBUTE, StreamBlock, enter_site, exit_site
+from mhc_megatron.megatron.recompute import (
+    RECOMPUTE_BLOCK_ATTRIBUTE,
+    RecomputeBlock,
+    enter_site,
+    exit_site,
+)
 from mhc_megatron.megatron.site import MHCSite
+from mhc_megatron.megatron.streams import enter_streams
 
 # On a layer's output streams: the fused-site link of its last exit, so the next layer's first
 # site chains its backward to it (kernels.site). Lost, as it should be, across pipeline stages.
@@ -56,7 +62,9 @@ class MHCTransformerLayer(TransformerLayer):
         """One layer on the n-stream residual.
 
         Args:
-            hidden_states: ``[s, b, n*C]`` streams (s is s/tp under sequence parallelism).
+            hidden_states: ``[s, b, n*C]`` streams (s is s/tp under sequence parallelism); for
+                the model's first layer the embedding output ``[s, b, C]``, which enters the
+                streams here (streams.py).
             **kwargs: what TransformerBlock passes to every layer (attention_mask,
                 rotary_pos_emb, inference_context, packed_seq_params, padding_mask, ...).
 
@@ -64,34 +72,37 @@ class MHCTransformerLayer(TransformerLayer):
             ``([s, b, n*C] new streams, context)``.
         """
         n, c = self.config.mhc_num_streams, self.config.hidden_size
+        if self.layer_number == 1:
+            hidden_states = enter_streams(hidden_states, n)
         x = hidden_states.unflatten(-1, (n, c))
         mix = site_ops(self.config, x.device)  # torch ops or fused kernels (--mhc-backend)
-        block = self._stream_block(hidden_states, x, mix)
+        recompute_block = self._recompute_block(hidden_states, x, mix)
 
         previous = getattr(hidden_states, LINK_ATTRIBUTE, None)
         site = self.self_attention_hyper_connection
-        u, h_post, h_res, handle = self._enter(block, site, x, mix, previous)
+        u, h_post, h_res, handle = self._enter(recompute_block, site, x, mix, previous)
         attention_out, context = self._forward_attention(u, **kwargs)
-        x = self._exit(block, mix, x, attention_out, h_post, h_res, handle)
+        x = self._exit(recompute_block, mix, x, attention_out, h_post, h_res, handle)
 
-        u, h_post, h_res, handle = self._enter(block, self.mlp_hyper_connection, x, mix, handle)
+        site = self.mlp_hyper_connection
+        u, h_post, h_res, handle = self._enter(recompute_block, site, x, mix, handle)
         mlp_out = self._forward_mlp(
             u,
             kwargs.get("inference_context"),
             padding_mask=kwargs.get("padding_mask"),
             packed_seq_params=kwargs.get("packed_seq_params"),
         )
-        x = self._exit(block, mix, x, mlp_out, h_post, h_res, handle)
+        x = self._exit(recompute_block, mix, x, mlp_out, h_post, h_res, handle)
 
         output = make_viewless_tensor(x.flatten(-2), requires_grad=True, keep_graph=True)
-        if block is not None:
+        if recompute_block is not None:
             # The next layer continues this block (TransformerBlock hands it this tensor).
-            setattr(output, BLOCK_ATTRIBUTE, block)
+            setattr(output, RECOMPUTE_BLOCK_ATTRIBUTE, recompute_block)
         elif mix.fused_site is not None:
             setattr(output, LINK_ATTRIBUTE, handle)
         return output, context
 
-    def _stream_block(self, hidden_states, x, mix) -> StreamBlock | None:
+    def _recompute_block(self, hidden_states, x, mix) -> RecomputeBlock | None:
         """The recompute block this layer belongs to (None with --mhc-recompute none).
 
         A layer whose input carries no block (the first of a pipeline stage or virtual chunk)
@@ -100,9 +111,9 @@ class MHCTransformerLayer(TransformerLayer):
         layers = self.config.mhc_recompute_layers
         if layers is None:
             return None
-        block = getattr(hidden_states, BLOCK_ATTRIBUTE, None)
+        block = getattr(hidden_states, RECOMPUTE_BLOCK_ATTRIBUTE, None)
         if block is None or (layers and block.layers >= layers):
-            block = StreamBlock(x, mix.mhc_post_res, mix.fused_site)
+            block = RecomputeBlock(x, mix.mhc_post_res, mix.fused_site)
         block.layers += 1
         return block
 

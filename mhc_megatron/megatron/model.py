@@ -1,4 +1,8 @@
-"""The mHC GPT model, its Megatron model config and builder (the model provider)."""
+"""The mHC GPT model's Megatron model config and builder (the model provider).
+
+The model is Megatron's own GPTModel: the n streams live in the decoder spec's modules (the
+first layer enters them, the final norm collapses them; see ``streams.py``).
+"""
 
 import inspect
 import logging
@@ -9,31 +13,12 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
-from mhc_megatron import ops
 from mhc_megatron.megatron.config import MHCConfigError, MHCTransformerConfig
-from mhc_megatron.megatron.pipeline import install_pipeline_shape_hook
+from mhc_megatron.megatron.pipeline import stream_shapes_installed
 from mhc_megatron.megatron.recompute import optimal_block_layers
 from mhc_megatron.megatron.specs import get_mhc_decoder_block_spec
 
 logger = logging.getLogger(__name__)
-
-
-class MHCGPTModel(GPTModel):
-    """GPTModel whose decoder runs on n residual streams.
-
-    The only change to GPTModel: on the first pipeline stage the embedding output
-    ``[s, b, C]`` is copied into ``[s, b, n*C]`` (spec section 2). The layers and the collapse
-    come from the spec (get_mhc_decoder_block_spec).
-    """
-
-    def _preprocess(self, *args, **kwargs):
-        outputs = super()._preprocess(*args, **kwargs)
-        decoder_input = outputs[0]
-        if self.pre_process and decoder_input is not None and self.config.mhc_enabled:
-            n = self.config.mhc_num_streams
-            decoder_input = ops.expand_streams(decoder_input, n).flatten(-2)
-            outputs = (decoder_input, *outputs[1:])
-        return outputs
 
 
 def mhc_layer_spec(model_config: "MHCGPTModelConfig", vp_stage: int | None = None):
@@ -43,13 +28,13 @@ def mhc_layer_spec(model_config: "MHCGPTModelConfig", vp_stage: int | None = Non
 
 @dataclass(kw_only=True)
 class MHCGPTModelConfig(GPTModelConfig):
-    """GPTModelConfig that builds MHCGPTModel (only the builder differs)."""
+    """GPTModelConfig whose builder is MHCGPTModelBuilder (only the builder differs)."""
 
     builder: ClassVar[str] = "mhc_megatron.megatron.model.MHCGPTModelBuilder"
 
 
 class MHCGPTModelBuilder(GPTModelBuilder):
-    """Builds MHCGPTModel stages for Megatron's ``pretrain()``; residual variant: GPTModel."""
+    """Builds the GPTModel stages of an mHC model for Megatron's ``pretrain()``."""
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
         """Builds one model stage (see GPTModelBuilder.build_model)."""
@@ -62,20 +47,46 @@ class MHCGPTModelBuilder(GPTModelBuilder):
             )
         if self._model_config.transformer_layer_spec is None:
             self._model_config.transformer_layer_spec = mhc_layer_spec
+        check_pipeline_streams(transformer)
         model = super().build_model(pg_collection, pre_process, post_process, vp_stage)
         if transformer.num_moe_experts:
             mark_expert_parameters(model)
             _log_expert_module(model)
         if transformer.mhc_enabled:
+            check_first_stage_has_layers(model)
             if transformer.mhc_recompute_layers is not None:
                 _log_recompute_blocks(transformer, len(model.decoder.layers), vp_stage)
-            if transformer.pipeline_model_parallel_size > 1:
-                install_pipeline_shape_hook()
-            # GPTModelBuilder hard-codes GPTModel (megatron/training/models/gpt.py, 0.19.2);
-            # MHCGPTModel adds no state and only overrides _preprocess, so the built instance
-            # is re-classed instead of copying the builder's 60 lines.
-            model.__class__ = MHCGPTModel
         return model
+
+
+def check_pipeline_streams(config: MHCTransformerConfig) -> None:
+    """Refuses an mHC model with pipeline stages when the p2p buffers are not ``[s, b, n*C]``.
+
+    Raises:
+        MHCConfigError: pipeline parallelism without the patch (what to call is in the message).
+    """
+    if config.mhc_enabled and config.pipeline_model_parallel_size > 1:
+        if not stream_shapes_installed():
+            raise MHCConfigError(
+                "an mHC model with pipeline parallelism sends [s, b, n*C] between stages; call "
+                "mhc_megatron.training.megatron_patches.install_pipeline_streams() before "
+                "building it (pretrain_mhc.py does)"
+            )
+
+
+def check_first_stage_has_layers(model: torch.nn.Module) -> None:
+    """Refuses an embedding-only first pipeline stage: the first decoder layer enters the streams.
+
+    Raises:
+        MHCConfigError: the stage holds the embedding and no decoder layer.
+    """
+    if model.pre_process and not model.post_process and len(model.decoder.layers) == 0:
+        raise MHCConfigError(
+            "this pipeline layout puts the embedding on a stage without decoder layers; mHC "
+            "enters the n streams in the model's first decoder layer, so give the first stage "
+            "at least one layer (--pipeline-model-parallel-layout without a lone 'E' stage, or "
+            "without --account-for-embedding-in-pipeline-split)"
+        )
 
 
 def _log_recompute_blocks(config: MHCTransformerConfig, stage_layers: int, vp_stage) -> None:
@@ -130,21 +141,19 @@ def build_mhc_gpt_model(
     """Builds one model stage directly (tests, notebooks), without ``pretrain()``.
 
     Args:
-        config: MHCTransformerConfig; variant residual gives a plain GPTModel.
+        config: MHCTransformerConfig (variant residual: the stock decoder).
         vocab_size: padded vocabulary size.
         max_sequence_length: s.
-        pre_process: this stage holds the embedding (and expands).
+        pre_process: this stage holds the embedding (its first layer enters the streams).
         post_process: this stage holds the final norm (and collapses) and the output layer.
         **gpt_kwargs: further GPTModel arguments (position_embedding_type, ...).
     """
-    model_cls = MHCGPTModel if config.mhc_enabled else GPTModel
-    if config.mhc_enabled and config.pipeline_model_parallel_size > 1:
-        install_pipeline_shape_hook()
+    check_pipeline_streams(config)
     allowed = inspect.signature(GPTModel.__init__).parameters
     unknown = set(gpt_kwargs) - set(allowed)
     if unknown:
         raise TypeError(f"unknown GPTModel arguments: {sorted(unknown)}")
-    return model_cls(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=get_mhc_decoder_block_spec(config),
         vocab_size=vocab_size,
@@ -153,3 +162,6 @@ def build_mhc_gpt_model(
         post_process=post_process,
         **gpt_kwargs,
     )
+    if config.mhc_enabled:
+        check_first_stage_has_layers(model)
+    return model

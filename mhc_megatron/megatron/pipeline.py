@@ -20,8 +20,6 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from mhc_megatron.megatron.config import MHCTransformerConfig
 
-_HOOK_ATTRIBUTE = "_mhc_stream_shape_hook"
-
 
 def pipeline_tensor_shape(config, tensor_shape):
     """The shape a pipeline stage sends and receives, given the schedule's stock shape.
@@ -45,16 +43,19 @@ def pipeline_tensor_shape(config, tensor_shape):
     return type(tensor_shape)(widened) if isinstance(tensor_shape, list) else widened
 
 
-def install_pipeline_shape_hook() -> None:
-    """Makes ``P2PCommunicator`` send and receive ``[s, b, n*C]`` for mHC models (idempotent).
+def communicate_with_stream_shapes(communicate):
+    """``P2PCommunicator._communicate`` that sizes the buffers with :func:`pipeline_tensor_shape`.
+
+    ``mhc_megatron.training.megatron_patches.install`` installs it for mHC runs with pipeline
+    parallelism; :func:`stream_shapes_installed` says whether it is in place.
+
+    Args:
+        communicate: Megatron's ``P2PCommunicator._communicate``.
 
     Raises:
         RuntimeError: the installed Megatron-Core's ``P2PCommunicator._communicate`` no longer
             takes ``tensor_shape`` (the hook was written against 0.19.2).
     """
-    communicate = P2PCommunicator._communicate
-    if getattr(communicate, _HOOK_ATTRIBUTE, False):
-        return
     if "tensor_shape" not in inspect.signature(communicate).parameters:
         raise RuntimeError(
             "P2PCommunicator._communicate has no tensor_shape argument in this Megatron-Core; "
@@ -68,5 +69,10 @@ def install_pipeline_shape_hook() -> None:
             self, *args, tensor_shape=pipeline_tensor_shape(self.config, tensor_shape), **kwargs
         )
 
-    setattr(communicate_streams, _HOOK_ATTRIBUTE, True)
-    P2PCommunicator._communicate = communicate_streams
+    communicate_streams.mhc_stream_shapes = True
+    return communicate_streams
+
+
+def stream_shapes_installed() -> bool:
+    """Whether pipeline stages exchange ``[s, b, n*C]`` (communicate_with_stream_shapes)."""
+    return getattr(P2PCommunicator._communicate, "mhc_stream_shapes", False)

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-BLOCK_ATTRIBUTE = "_mhc_stream_block"
+RECOMPUTE_BLOCK_ATTRIBUTE = "_mhc_recompute_block"
 
 
 def optimal_block_layers(num_streams: int, num_layers: int) -> float:
@@ -30,7 +30,7 @@ def optimal_block_layers(num_streams: int, num_layers: int) -> float:
     return math.sqrt(num_streams * num_layers / (num_streams + 2))
 
 
-class StreamBlock:
+class RecomputeBlock:
     """What one block of one forward pass (micro-batch) keeps for its backward.
 
     Args:
@@ -190,7 +190,7 @@ class _FusedSiteExit(torch.autograd.Function):
         return None, dy, dh_post, dh_res, None, None
 
 
-def enter_site(block: StreamBlock, site, x: torch.Tensor, pre):
+def enter_site(block: RecomputeBlock, site, x: torch.Tensor, pre):
     """``(u, h_post, h_res, index)`` for a site whose input streams the block can rebuild.
 
     Args:
@@ -211,7 +211,7 @@ def enter_site(block: StreamBlock, site, x: torch.Tensor, pre):
     return u, h_post, h_res, index
 
 
-def exit_site(block: StreamBlock, x, y, h_post, h_res, index: int) -> torch.Tensor:
+def exit_site(block: RecomputeBlock, x, y, h_post, h_res, index: int) -> torch.Tensor:
     """``[s, b, n, C]`` new streams; records ``y`` and the coefficients in the block."""
     recorded = block.add_site(y, h_post, h_res)
     assert recorded == index, "sites of a block must be entered and left in order"
@@ -245,7 +245,9 @@ def saved_activation_bytes(model: torch.nn.Module, step) -> int:
         return t
 
     def keep_block(module, args, output) -> None:
-        block = getattr(output[0] if isinstance(output, tuple) else output, BLOCK_ATTRIBUTE, None)
+        block = getattr(
+            output[0] if isinstance(output, tuple) else output, RECOMPUTE_BLOCK_ATTRIBUTE, None
+        )
         if block is not None:
             count(block.streams(0))
 

@@ -9,10 +9,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from mhc_megatron.megatron.attention import use_local_mla_core_attention
-from mhc_megatron.megatron.block import MHCFinalNorm
 from mhc_megatron.megatron.config import MHCConfigError, MHCTransformerConfig
 from mhc_megatron.megatron.experts import use_grouped_gemm_experts
 from mhc_megatron.megatron.layer import MHCTransformerLayer, get_bias_dropout
+from mhc_megatron.megatron.streams import CollapseStreamsNorm
 
 
 def use_transformer_engine(config: MHCTransformerConfig) -> bool:
@@ -83,5 +83,5 @@ def get_mhc_decoder_block_spec(
         return block
     return TransformerBlockSubmodules(
         layer_specs=[to_mhc_layer_spec(spec) for spec in block.layer_specs],
-        layer_norm=partial(MHCFinalNorm, norm_cls=block.layer_norm),
+        layer_norm=partial(CollapseStreamsNorm, norm_cls=block.layer_norm),
     )

@@ -107,14 +107,12 @@ default when ``DistributedOptimizer.sharded_state_dict`` is called without
 ``metadata["distrib_optim_sharding_type"]`` (``distrib_optimizer.py:1509-1511``); pass
 ``dp_reshardable`` there.
 
-Flags a local-spec model needs on CPU (no apex or TransformerEngine here), each found by
-removing it: ``--transformer-impl local`` (else the TE spec fails to build),
-``--no-persist-layer-norm`` (``torch_norm.py:48``), ``--no-gradient-accumulation-fusion``
-(apex's ``fused_weight_gradient_mlp_cuda``) and, with MoE, ``--disable-bias-linear`` (expert
-bias+GeLU fusion is refused). ``--no-masked-softmax-fusion`` is not needed on CPU (Megatron falls
-back to the torch softmax when the fused kernel is unavailable) but is on a GPU without apex.
-``--no-bias-dropout-fusion`` is optional; it saves about 10 s of torch.compile/inductor work per
-cold start.
+The flags ``--cpu`` implies are listed once in ``cpu_settings.py``. Why each: without
+``--transformer-impl local`` the TE spec fails to build; ``--no-persist-layer-norm``
+(``torch_norm.py:48``) and ``--no-gradient-accumulation-fusion`` (apex's
+``fused_weight_gradient_mlp_cuda``) are needed; the other fusions only cost torch.compile time.
+With MoE and expert biases, ``--disable-bias-linear`` is still the caller's (it changes the
+model): the expert bias+GeLU fusion is refused on CPU.
 """
 
 from __future__ import annotations
@@ -135,20 +133,11 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from mhc_megatron.training.cpu_settings import CPU_CONFIG, CPU_FLAGS, with_cpu_flags
+
 SUPPORTED_MEGATRON_CORE_VERSION = "0.19.2"
-# pretrain_mhc.py flags that run a local-spec model on CPU without changing its parameters (see
-# the module docstring). The fusion switches skip torch.compile of kernels that only pay off on
-# a GPU: --no-bias-swiglu-fusion alone saves ~25 s per cold start.
-CPU_FLAGS = (
-    "--cpu",
-    "--transformer-impl", "local",
-    "--no-persist-layer-norm",
-    "--no-gradient-accumulation-fusion",
-    "--no-masked-softmax-fusion",
-    "--no-bias-dropout-fusion",
-    "--no-rope-fusion",
-    "--no-bias-swiglu-fusion",
-)  # fmt: skip
+__all__ = ["CPU_CONFIG", "CPU_FLAGS", "enable_cpu_mode", "is_cpu_mode_enabled", "with_cpu_flags"]
+
 
 _enabled = False
 _lock = threading.Lock()

@@ -187,7 +187,7 @@ def loss_func(
 
     # Noted on this rank before the data-parallel all-reduce spreads a NaN everywhere: the run
     # guard (guards.py) then skips the step. It replaces Megatron's NaN check, which re-ran the
-    # iteration and then saved the model (guards.install turns that flag off).
+    # iteration and then saved the model (megatron_patches.install turns that flag off).
     NONFINITE_LOSS.note(loss)
     rerun_state_machine = get_rerun_state_machine()
     if args.check_for_spiky_loss:

@@ -1,9 +1,8 @@
 """Run-time guards around Megatron's training loop: no non-finite step is applied or saved, and a
 load that fails says which checkpoint and what to do.
 
-:func:`install` applies every patch listed in :data:`PATCHES` (``pretrain_mhc.py`` calls it once
-before ``pretrain()``); :func:`installed` lists what is in place. Line numbers are those of
-megatron-core 0.19.2.
+The wrappers are installed by ``megatron_patches.install`` (the list of every Megatron patch);
+this module only builds them.
 
 Non-finite steps. Megatron applies a step whose gradients hold NaN/inf unless fp16's loss
 scaler catches it: with bf16 or fp32, ``--check-for-nan-in-loss-and-grad`` hands the problem to
@@ -21,25 +20,12 @@ own NaN checks are turned off: this guard replaces them.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import torch
 
 from mhc_megatron.megatron.diagnostics import NONFINITE_SITES
 from mhc_megatron.training.run_checks import RunCheckError, available_iterations
-
-PATCHES = {
-    "training.setup_model_and_optimizer": "training.py:2017; wraps the optimizer's step() with "
-    "the non-finite guard (the model and optimizer are only known after it returns)",
-    "training.save_checkpoint": "checkpointing.py save_checkpoint as imported by training.py:142; "
-    "refuses to write parameters that hold NaN/inf",
-    "training.load_checkpoint": "checkpointing.py:2066 as imported by training.py; a failed load "
-    "names the checkpoint and the earlier ones to resume from",
-    "OptimizerParamScheduler._check_and_set": "optimizer_param_scheduler.py:318; a changed "
-    "schedule on resume says which flag extends a run instead of a bare assertion",
-}
-_installed: list[str] = []
 
 
 class _NonFiniteLoss:
@@ -59,11 +45,6 @@ class _NonFiniteLoss:
 
 
 NONFINITE_LOSS = _NonFiniteLoss()
-
-
-def installed() -> list[str]:
-    """The patches in place, each with the Megatron line it replaces and why."""
-    return [f"{name}: {PATCHES[name]}" for name in _installed]
 
 
 def _rank() -> int:
@@ -203,10 +184,14 @@ def _guard_step(optimizer, model_chunks, policy: str, max_in_a_row: int) -> None
     optimizer.step = guarded_step
 
 
-def _patch_setup_model_and_optimizer(policy: str, max_in_a_row: int) -> None:
-    from megatron.training import training
+def guarded_setup_model_and_optimizer(setup, policy: str, max_in_a_row: int):
+    """Megatron's ``setup_model_and_optimizer`` whose optimizer's ``step`` is guarded.
 
-    setup = training.setup_model_and_optimizer
+    Args:
+        setup: Megatron's ``training.setup_model_and_optimizer``.
+        policy: ``--nonfinite-step`` (skip or stop).
+        max_in_a_row: ``--max-nonfinite-steps-in-a-row`` (0: no limit).
+    """
 
     @functools.wraps(setup)
     def setup_model_and_optimizer(*args, **kwargs):
@@ -215,13 +200,11 @@ def _patch_setup_model_and_optimizer(policy: str, max_in_a_row: int) -> None:
             _guard_step(optimizer, model, policy, max_in_a_row)
         return model, optimizer, scheduler
 
-    training.setup_model_and_optimizer = setup_model_and_optimizer
+    return setup_model_and_optimizer
 
 
-def _patch_save_checkpoint() -> None:
-    from megatron.training import training
-
-    save = training.save_checkpoint
+def guarded_save(save):
+    """Megatron's ``save_checkpoint`` that refuses parameters holding NaN/inf (on any rank)."""
 
     @functools.wraps(save)
     def save_checkpoint(iteration, model, *args, **kwargs):
@@ -243,14 +226,12 @@ def _patch_save_checkpoint() -> None:
             )
         return save(iteration, model, *args, **kwargs)
 
-    training.save_checkpoint = save_checkpoint
+    return save_checkpoint
 
 
-def _patch_load_checkpoint() -> None:
-    from megatron.training import training
+def guarded_load(load):
+    """Megatron's ``load_checkpoint`` whose failures name the checkpoint and what to resume."""
     from torch.distributed.checkpoint.api import CheckpointException
-
-    load = training.load_checkpoint
 
     @functools.wraps(load)
     def load_checkpoint(*args, **kwargs):
@@ -270,13 +251,12 @@ def _patch_load_checkpoint() -> None:
                 f"{available_iterations(Path(directory))})."
             ) from error
 
-    training.load_checkpoint = load_checkpoint
+    return load_checkpoint
 
 
-def _patch_scheduler_check() -> None:
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    check = OptimizerParamScheduler._check_and_set
+def explained_scheduler_check(check):
+    """``OptimizerParamScheduler._check_and_set`` that says which flag extends or changes a run
+    where Megatron asserts without a message."""
 
     @functools.wraps(check)
     def _check_and_set(self, cls_value, sd_value, name):
@@ -295,25 +275,17 @@ def _patch_scheduler_check() -> None:
             )
         return check(self, cls_value, sd_value, name)
 
-    OptimizerParamScheduler._check_and_set = _check_and_set
+    return _check_and_set
 
 
-def install(args) -> None:
-    """Installs every guard (once per process) and turns Megatron's own NaN checks off.
+def replace_megatron_nan_checks(args) -> None:
+    """Turns Megatron's own NaN checks off and the per-site non-finite record on.
+
+    Megatron's ``--check-for-nan-in-loss-and-grad`` re-runs the iteration, then saves the (NaN)
+    model and exits; the guard of :func:`guarded_setup_model_and_optimizer` replaces it.
 
     Args:
-        args: Megatron's parsed arguments (``--nonfinite-step``,
-            ``--max-nonfinite-steps-in-a-row``).
+        args: Megatron's parsed arguments (changed in place).
     """
-    # The guard replaces Megatron's checks: theirs re-run the iteration and save the model.
     args.check_for_nan_in_loss_and_grad = False
     NONFINITE_SITES.enabled = True
-    if _installed:
-        return
-    _patch_setup_model_and_optimizer(args.nonfinite_step, args.max_nonfinite_steps_in_a_row)
-    _patch_save_checkpoint()
-    _patch_load_checkpoint()
-    _patch_scheduler_check()
-    _installed.extend(PATCHES)
-    if os.environ.get("MHC_LIST_PATCHES"):
-        print("\n".join(installed()))

@@ -89,24 +89,17 @@ class StepDecayParamScheduler(OptimizerParamScheduler):
         return param_group.get("max_lr", self.max_lr) * factor
 
 
-def install_step_schedule(args: argparse.Namespace) -> bool:
-    """Makes ``pretrain()`` build a StepDecayParamScheduler when the flags ask for one.
+def step_scheduler_builder(build, milestones: tuple[tuple[float, float], ...]):
+    """Megatron's ``get_optimizer_param_scheduler`` building a StepDecayParamScheduler.
 
     Megatron builds its scheduler in ``megatron.training.training.get_optimizer_param_scheduler``
     from the global args; the wrapper re-classes what it returns (the subclass adds no state, so
-    checkpoints are Megatron's own).
+    checkpoints are Megatron's own). ``megatron_patches.install`` installs it.
 
-    Returns:
-        Whether the step schedule is on.
+    Args:
+        build: Megatron's ``get_optimizer_param_scheduler``.
+        milestones: ``((fraction, factor), ...)`` from :func:`step_milestones`.
     """
-    milestones = step_milestones(args)
-    if not milestones:
-        return False
-    from megatron.training import training
-
-    build = training.get_optimizer_param_scheduler
-    if getattr(build, "step_milestones", None) is not None:
-        build = build.__wrapped__  # installed before (tests call main() twice in a process)
 
     @functools.wraps(build)
     def build_step_scheduler(optimizer):
@@ -116,6 +109,4 @@ def install_step_schedule(args: argparse.Namespace) -> bool:
         scheduler.step(0)  # re-apply the LR with the new rule
         return scheduler
 
-    build_step_scheduler.step_milestones = milestones
-    training.get_optimizer_param_scheduler = build_step_scheduler
-    return True
+    return build_step_scheduler

@@ -1,4 +1,23 @@
-"""Leaving the n streams: the decoder's final norm with the collapse in front of it."""
+"""The n residual streams through a Megatron GPT decoder, start to end (spec sections 2-4).
+
+Megatron's GPTModel and TransformerBlock are used as they are; the streams live entirely in the
+modules of the decoder spec (``specs.py``), so the same model runs with or without pipeline
+stages, virtual stages and recompute:
+
+1. **Enter** (the model's first layer, on the first pipeline stage): ``MHCTransformerLayer``
+   with ``layer_number == 1`` copies the embedding output ``[s, b, C]`` into n streams
+   ``[s, b, n*C]`` with :func:`enter_streams`.
+2. **Layers**: every layer maps ``[s, b, n*C] -> [s, b, n*C]`` through two mHC sites, attention
+   and MLP/MoE (``layer.py``, ``site.py``). With ``--mhc-recompute`` consecutive layers of a
+   stage form a ``RecomputeBlock`` (``recompute.py``); TransformerBlock hands a layer nothing
+   but the previous layer's output, so the block travels as an attribute of that tensor.
+3. **Between pipeline stages** the wire carries ``[s, b, n*C]`` (``pipeline.py``; the p2p
+   buffer patch is installed by ``mhc_megatron.training.megatron_patches``). A recompute block
+   never crosses a stage: a received tensor carries no block.
+4. **Leave** (the last stage): :class:`CollapseStreamsNorm` sits in the decoder's final-norm
+   slot, which Megatron builds exactly there, and collapses ``[s, b, n*C] -> [s, b, C]`` before
+   the stock norm; the output layer sees a plain residual stream.
+"""
 
 import math
 
@@ -9,7 +28,20 @@ from mhc_megatron.megatron.config import MHCTransformerConfig
 from mhc_megatron.megatron.site import KeepFP32Module
 
 
-class MHCFinalNorm(KeepFP32Module):
+def enter_streams(hidden_states: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """The embedding output copied into the n streams (spec section 2).
+
+    Args:
+        hidden_states: ``[s, b, C]`` the embedding output (s is s/tp under sequence parallelism).
+        num_streams: n.
+
+    Returns:
+        ``[s, b, n*C]``, stream i holding a copy of the input.
+    """
+    return ops.expand_streams(hidden_states, num_streams).flatten(-2)
+
+
+class CollapseStreamsNorm(KeepFP32Module):
     """Collapse ``[s, b, n*C] -> [s, b, C]``, then the stock final norm.
 
     Used as the decoder block's ``layer_norm`` slot, so it runs exactly where Megatron builds the

@@ -1,6 +1,6 @@
 """The pre-run checks of mhc_megatron/training/run_checks.py without a launch: model identity,
 the padded vocabulary across TP, the load directory, the indexed data and the run lock.
-tests/test_run_safety.py runs the same checks through pretrain_mhc.py."""
+tests/e2e/test_run_safety.py runs the same checks through pretrain_mhc.py."""
 
 import argparse
 import subprocess

@@ -16,7 +16,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (rtol, atol as a fraction of the largest |reference| entry).
 TOLERANCES = {
-    # As the separate ops (tests/test_kernels_coefficients.py, test_kernels_mix.py): fp32
+    # As the separate ops (tests/kernels/test_kernels_coefficients.py, test_kernels_mix.py): fp32
     # rounding of the K-long projection, 20 Sinkhorn rounds and sums over tokens; dx adds four
     # fp32 terms before its one store.
     torch.float32: {"stream": (1e-5, 1e-5), "grad": (1e-4, 1e-5)},

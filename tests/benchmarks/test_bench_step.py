@@ -13,7 +13,7 @@ import pytest
 
 from mhc_megatron.processes import free_port
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_step.py"
 # Tiny shape, given explicitly so the parameter count below does not depend on the presets.
 L, C, HEADS, E, K, SHARED, FFN, S, B, V, N = 2, 64, 4, 8, 2, 2, 32, 16, 2, 128, 4
 ARGS = dict(layers=L, hidden=C, heads=HEADS, experts=E, topk=K, shared=SHARED, moe_ffn=FFN)

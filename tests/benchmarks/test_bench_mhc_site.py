@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mhc_site.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_mhc_site.py"
 N, C, T = 4, 32, 64
 
 

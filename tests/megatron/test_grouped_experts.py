@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from mhc_megatron.megatron.experts import GroupedGemmMLP, stack_sequential_state
-from tests.test_mhc_model import MOE, _build, _config, _inputs, single_rank  # noqa: F401
+from tests.megatron.models import MOE, build_model, mhc_config, token_inputs
 
 HIDDEN, FFN = 32, 24
 TOKENS_PER_EXPERT = (5, 0, 7, 4)  # expert 1 gets no tokens
@@ -41,7 +41,7 @@ def _experts(dtype, **overrides):
         ffn_hidden_size=FFN, params_dtype=dtype, bf16=dtype == torch.bfloat16,
         gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False,
     )  # fmt: skip
-    config = _config(**{**settings, **overrides})
+    config = mhc_config(**{**settings, **overrides})
     pg = ProcessGroupCollection.use_mpu_process_groups()
     layer = get_gpt_layer_local_submodules(num_experts=config.num_moe_experts).mlp
     sequential = layer(config=config, pg_collection=pg).experts
@@ -152,7 +152,7 @@ def _built_from_seed(cls, config, seed):
 
 
 def _config_for(glu: bool, bias: bool):
-    return _config(
+    return mhc_config(
         hidden_size=HIDDEN, num_moe_experts=len(TOKENS_PER_EXPERT), moe_ffn_hidden_size=FFN,
         ffn_hidden_size=FFN, gated_linear_unit=glu, activation_func=F.silu if glu else F.gelu,
         add_bias_linear=bias, bias_activation_fusion=False,
@@ -167,9 +167,11 @@ def test_starts_from_sequential_mlps_weights():
     grouped = _built_from_seed(GroupedGemmMLP, config, seed=5)
     want = _stacked(dict(sequential.named_parameters()), sequential)
     got = dict(grouped.named_parameters())
-    assert got.keys() == want.keys() == {
-        f"linear_fc{i}.{w}" for i in (1, 2) for w in ("weight", "bias")
-    }
+    assert (
+        got.keys()
+        == want.keys()
+        == {f"linear_fc{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
+    )
     for name, expected in want.items():
         assert torch.equal(got[name], expected), name
     weight = grouped.linear_fc1.weight
@@ -230,7 +232,9 @@ def test_moe_act_recompute_gives_the_same_gradients():
     _, grouped = _experts(torch.float32)
     want = _run(grouped, torch.float32)
     _, recomputing = _experts(
-        torch.float32, moe_grouped_gemm=True, recompute_granularity="selective",
+        torch.float32,
+        moe_grouped_gemm=True,
+        recompute_granularity="selective",
         recompute_modules=["moe_act"],
     )
     assert recomputing.activation_recompute and not grouped.activation_recompute
@@ -272,12 +276,12 @@ def test_falls_back_where_grouped_mm_cannot_run(caplog):
 
 def test_mhc_model_with_grouped_gemm_experts_trains_like_sequential():
     torch.manual_seed(0)
-    reference = _build(_config(**MOE)).train()
-    grouped = _build(_config(**MOE, moe_grouped_gemm=True)).train()
+    reference = build_model(mhc_config(**MOE)).train()
+    grouped = build_model(mhc_config(**MOE, moe_grouped_gemm=True)).train()
     kinds = {type(m).__name__ for m in grouped.modules()}
     assert "GroupedGemmMLP" in kinds and "SequentialMLP" not in kinds
     grouped.load_state_dict(reference.state_dict())  # per-expert keys stacked on load
-    ids, pos = _inputs()
+    ids, pos = token_inputs()
     labels = torch.roll(ids, -1, dims=1)
     results = []
     for model in (reference, grouped):

@@ -33,7 +33,7 @@ import pytest
 
 from tests.launching import CPU_LOCAL_FLAGS, REPO_ROOT, launch
 
-DRIVER = REPO_ROOT / "tests" / "pretrain_mhc_checking_replicas.py"
+DRIVER = REPO_ROOT / "tests" / "e2e" / "pretrain_mhc_checking_replicas.py"
 LAUNCH_TIMEOUT_S = 300
 # float32 reduction order: measured <= 1 ulp (9e-8 relative), see the module docstring.
 LOSS_RTOL = 2e-6

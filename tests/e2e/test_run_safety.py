@@ -1,7 +1,7 @@
 """Resume and run safety, end to end (issue 12): a checkpoint never loads into a different model,
 no non-finite step is applied or saved, and bad input exits non-zero before training with a
 message that says what to change. Checks of the same functions without a launch are in
-tests/test_run_checks.py."""
+tests/training/test_run_checks.py."""
 
 import re
 import shutil

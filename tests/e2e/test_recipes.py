@@ -3,13 +3,13 @@ learning-rate schedule, and the launcher on CPU."""
 
 import json
 import os
-import re
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 
+from mhc_megatron import megatron_log
 from tests.launching import REPO_ROOT, free_port
 
 RUN = REPO_ROOT / "examples" / "recipes" / "run.sh"
@@ -150,11 +150,6 @@ def _run_recipe(tmp_path, recipe, *args, env=None, timeout=240):
     )  # fmt: skip
 
 
-LR_RE = re.compile(
-    r"iteration\s+(\d+)/\s*\d+ \|.*?learning rate: ([0-9.E+-]+) \|.*?lm loss: ([0-9.E+-]+)"
-)
-
-
 @pytest.mark.parametrize("variant", ["mhc", "residual"])
 def test_tiny_recipe_trains_on_cpu_with_the_step_schedule(tmp_path, variant):
     """run.sh tiny: 20 steps of the paper-shaped tiny model (MLA on the local core attention,
@@ -166,7 +161,10 @@ def test_tiny_recipe_trains_on_cpu_with_the_step_schedule(tmp_path, variant):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert f"recipe tiny, variant {variant}" in log
-    rows = {int(it): (float(lr), float(loss)) for it, lr, loss in LR_RE.findall(log)}
+    rows = {
+        line.iteration: (line.number("learning rate"), line.number("lm loss"))
+        for line in megatron_log.iterations(log)
+    }
     assert sorted(rows) == list(range(1, 21))
     # Megatron logs the LR set after the step, i.e. the next step's; 4 samples per step.
     peak = 3e-3

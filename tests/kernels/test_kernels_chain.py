@@ -15,7 +15,7 @@ from mhc_megatron.kernels import chain, site
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (rtol, atol as a fraction of the largest |reference| entry). fp32 as tests/test_kernels_site.py:
+# (rtol, atol as a fraction of the largest |reference| entry). fp32 as test_kernels_site.py:
 # rounding of K-long projections, 20 Sinkhorn rounds and sums over tokens. bf16: one site
 # there is within 2^-7 (streams, dx) and 2e-2 (parameter grads); over three sites in a row the
 # bf16 roundings of streams, branch inputs/outputs and dx (2^-7 each, the interpreter

@@ -29,26 +29,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.launching import launch
+from tests.launching import CPU_LOCAL_FLAGS, launch
 from tests.launching import losses as _losses
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # The launcher itself, with the residual variant: a stock GPTModel through the same pretrain().
 DRIVER = REPO_ROOT / "pretrain_mhc.py"
 LAUNCH_TIMEOUT_S = 240
 
-# The flags a local-spec MoE model needs on CPU (no apex / TransformerEngine kernels here; see
-# mhc_megatron/training/cpu.py); --no-bias-dropout-fusion only saves ~10 s of torch.compile per
-# cold start.
-CPU_FLAGS = [
-    "--cpu",
-    "--mhc-variant", "residual",
-    "--transformer-impl", "local",
-    "--no-persist-layer-norm",
-    "--no-gradient-accumulation-fusion",
-    "--disable-bias-linear",
-    "--no-bias-dropout-fusion",
-]  # fmt: skip
+# CPU mode itself is tested here on Megatron's plain GPT (the residual variant); --cpu implies
+# the local modules and no GPU fusions (mhc_megatron/training/cpu_settings.py).
+CPU_FLAGS = [*CPU_LOCAL_FLAGS, "--mhc-variant", "residual"]
 MODEL = [
     "--num-layers", "2",
     "--hidden-size", "64",

@@ -13,11 +13,8 @@ Each check prints, on TP rank 0 of every pipeline stage, one line
 
 import functools
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mhc_megatron.training.cpu import enable_cpu_mode  # noqa: E402
+from mhc_megatron.training.cpu import enable_cpu_mode
 
 MHC_PARAMETER_MARKERS = ("hyper_connection.", "final_layernorm.head_")
 

@@ -1,7 +1,7 @@
 """On a machine with a GPU: the CPU-mode test modules, in a child pytest with the GPU hidden.
 
 CPU mode (``mhc_megatron.training.cpu.enable_cpu_mode``) cannot start in a process that has
-initialised CUDA, and the kernel tests initialise it. ``tests/conftest.py`` takes these modules
+initialised CUDA, and the kernel tests initialise it. ``tests/conftest.py`` takes tests/megatron
 out of the session there and this test runs them in a fresh process; on a CPU-only machine they
 run in the session itself and this test has nothing to add.
 """
@@ -9,14 +9,11 @@ run in the session itself and this test has nothing to add.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import CPU_MODE_CHILD, CPU_MODE_MODULES
-
-HERE = Path(__file__).resolve().parent
+from tests.conftest import CPU_MODE_CHILD, CPU_MODE_DIR
 
 
 @pytest.mark.skipif(
@@ -24,9 +21,8 @@ HERE = Path(__file__).resolve().parent
 )
 def test_cpu_mode_modules_in_a_child_process():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", **{CPU_MODE_CHILD: "1"})
-    modules = [str(HERE / name) for name in CPU_MODE_MODULES]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *modules],
-        cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=1800,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CPU_MODE_DIR)],
+        cwd=CPU_MODE_DIR.parents[1], env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
