@@ -1,5 +1,7 @@
-"""Process helpers shared by the tools and tests that launch training: free ports and killing a
-whole launch (run.sh, torchrun and every rank)."""
+"""Process helpers shared by the tools and tests that launch training.
+
+Free ports, and killing a whole launch (run.sh, torchrun and every rank).
+"""
 
 import os
 import signal
@@ -17,9 +19,11 @@ def free_port() -> int:
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """Kills ``proc`` (started with ``start_new_session=True``), its process group and every
-    descendant: gloo ranks block forever when one rank dies, and they may sit in sessions of
-    their own, so the process group alone does not reach them."""
+    """Kills ``proc`` (started with ``start_new_session=True``), its process group and descendants.
+
+    Every descendant: gloo ranks block forever when one rank dies, and they may sit in sessions
+    of their own, so the process group alone does not reach them.
+    """
     try:
         victims = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:

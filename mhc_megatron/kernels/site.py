@@ -59,6 +59,7 @@ class SiteLink:
     __slots__ = ("dout", "exit_inputs", "output", "exit_node", "chained")
 
     def __init__(self):
+        """Starts empty: every attribute None until the site's forward and backward fill it."""
         self.dout: torch.Tensor | None = None
         self.exit_inputs = None
         self.output: tuple | None = None
@@ -66,9 +67,12 @@ class SiteLink:
         self.chained: tuple | None = None
 
     def produced(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is this site's output streams, unmodified: the same memory, shape and
-        version, reached from the exit's autograd node through single-input (view) nodes only,
-        and the exit kept its inputs. Anything else runs unchained."""
+        """Whether ``x`` is this site's output streams, unmodified.
+
+        That is: the same memory, shape and version, reached from the exit's autograd node
+        through single-input (view) nodes only, and the exit kept its inputs. Anything else
+        runs unchained.
+        """
         if self.exit_inputs is None or not x.is_contiguous():
             return False
         if self.output != (x.data_ptr(), tuple(x.shape), x._version):
@@ -82,8 +86,11 @@ class SiteLink:
         return False
 
     def take_chained(self, dout: torch.Tensor) -> tuple | None:
-        """The exit's ``(dy, dh_post, dh_res)`` from the chained pass if ``dout`` is the ``dx``
-        it wrote (the only gradient of the streams), else None; releases both."""
+        """The exit's ``(dy, dh_post, dh_res)`` from the chained pass, or None.
+
+        They are returned if ``dout`` is the ``dx`` the chained pass wrote (the only gradient
+        of the streams), else None; releases both.
+        """
         chained, self.chained = self.chained, None
         self.exit_inputs = self.exit_node = None
         if chained is None:
@@ -108,13 +115,19 @@ def enter_backward(x, fn, base, scale, saved, du, g_post, g_res, link, iters, ep
 
     Args:
         x: ``[..., n, C]`` the site's input streams.
-        fn, base, scale: the site's parameters.
+        fn: ``[N, n*C]`` the site's fp32 projection (``N = n*n + 2n``).
+        base: ``[N]`` the site's fp32 static logits.
+        scale: ``[3]`` the site's fp32 gating factors.
         saved: ``(h_pre [T, n], h_res [T, n, n], mixes [T, N], inv_rms [T])`` from
             :func:`enter_forward`.
-        du, g_post, g_res: gradients of the branch input ``u``, ``h_post`` and ``h_res`` as
-            autograd passes them (any shape with ``T`` leading elements, broadcast, or None).
+        du: ``[..., C]`` gradient of the branch input ``u`` as autograd passes it (any shape
+            with ``T`` leading elements, broadcast, or None).
+        g_post: ``[..., n]`` gradient of ``h_post``, passed the same way as ``du``.
+        g_res: ``[..., n, n]`` gradient of ``h_res``, passed the same way as ``du``.
         link: the site's :class:`SiteLink`; its ``dout`` (None if the exit's backward did not
             run) is used and released.
+        iters: Sinkhorn iterations of the forward.
+        eps: eps of the RMS, of ``h_pre`` and of the Sinkhorn denominators.
         after: the previous site's link, whose exit produced ``x`` (checked at the enter's
             forward), or None. Its exit's backward is done here, in the ``dx`` pass, and left
             on it (:meth:`SiteLink.take_chained`).
@@ -140,10 +153,12 @@ def enter_backward(x, fn, base, scale, saved, du, g_post, g_res, link, iters, ep
 
 
 def chained_exit_backward(link: SiteLink, dout: torch.Tensor, shapes) -> tuple | None:
-    """An exit's ``(dy, dh_post, dh_res)`` in ``shapes`` (those of ``y``, ``h_post``,
-    ``h_res``) if the next site's chained pass computed them for this ``dout``
-    (:meth:`SiteLink.take_chained`), with ``dout`` left on ``link`` for the enter's ``dx``
-    pass; None if the exit must run its own backward."""
+    """An exit's ``(dy, dh_post, dh_res)`` from the next site's chained pass, or None.
+
+    The gradients come in ``shapes`` (those of ``y``, ``h_post``, ``h_res``) if the next site's
+    chained pass computed them for this ``dout`` (:meth:`SiteLink.take_chained`), with ``dout``
+    left on ``link`` for the enter's ``dx`` pass; None if the exit must run its own backward.
+    """
     chained = link.take_chained(dout)
     if chained is None:
         return None
@@ -152,12 +167,15 @@ def chained_exit_backward(link: SiteLink, dout: torch.Tensor, shapes) -> tuple |
 
 
 def exit_backward(x, y, h_post, h_res, dout, link):
-    """``(dy, dh_post, dh_res)`` in the shapes of ``y``, ``h_post``, ``h_res``; ``dout`` goes
-    on ``link`` for the enter's backward, which writes ``dx``.
+    """``(dy, dh_post, dh_res)`` in the shapes of ``y``, ``h_post``, ``h_res``.
+
+    ``dout`` goes on ``link`` for the enter's backward, which writes ``dx``.
 
     Args:
-        x: ``[..., n, C]`` the site's input streams; y: ``[..., C]``; h_post: ``[..., n]``;
-            h_res: ``[..., n, n]``: the forward's inputs.
+        x: ``[..., n, C]`` the site's input streams, the forward's input.
+        y: ``[..., C]`` branch output, the forward's input.
+        h_post: ``[..., n]``, the forward's input.
+        h_res: ``[..., n, n]``, the forward's input.
         dout: ``[..., n, C]`` gradient of the site's output.
         link: the site's :class:`SiteLink`.
     """
@@ -179,25 +197,32 @@ def _flat_saved(node, t: int, k: int):
 
 
 def _dense(g, shape, dtype=torch.float32, device=None):
-    """A gradient as a contiguous tensor of ``shape`` (zeros for None; autograd may pass
-    expanded stride-0 gradients of sums)."""
+    """A gradient as a contiguous tensor of ``shape``.
+
+    Zeros for None; autograd may pass expanded stride-0 gradients of sums.
+    """
     if g is None:
         return torch.zeros(shape, dtype=dtype, device=device)
     return g.reshape(shape).contiguous()
 
 
 def exit_saved(link: SiteLink, ctx, inputs) -> None:
-    """Records on ``link`` the exit's autograd node ``ctx`` (weakly) and how to get its inputs
-    (``inputs(ctx)``, valid until the exit's backward), so that the next site can chain to it.
-    Called in the exit's forward; :func:`exit_returned` completes it."""
+    """Records on ``link`` the exit's autograd node ``ctx`` (weakly) and how to get its inputs.
+
+    The inputs come from ``inputs(ctx)``, valid until the exit's backward, so that the next
+    site can chain to it. Called in the exit's forward; :func:`exit_returned` completes it.
+    """
     node = weakref.ref(ctx)  # not the tensors: they stay under autograd's saved-tensor hooks
     link.exit_node = node
     link.exit_inputs = lambda: None if node() is None else inputs(node())
 
 
 def exit_returned(link: SiteLink, output: torch.Tensor) -> None:
-    """Records the exit's output as autograd returned it, or forgets the exit if the output has
-    no backward (no grad mode, nothing requires grad) or cannot chain (n > 4)."""
+    """Records the exit's output as autograd returned it, or forgets the exit.
+
+    The exit is forgotten if the output has no backward (no grad mode, nothing requires grad)
+    or cannot chain (n > 4).
+    """
     if output.requires_grad and _chain.chainable(output.shape[-2]):
         link.output = (output.data_ptr(), tuple(output.shape), output._version)
     else:
@@ -209,6 +234,11 @@ class MHCSiteEnterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, fn, base, scale, iters, eps, link, after):
+        """Coefficients and pre-mix of ``x: [..., n, C]`` in one launch.
+
+        Saves what the backward needs, and keeps ``after`` only if ``x`` is that site's exit
+        output, unmodified (:meth:`SiteLink.produced`).
+        """
         lead, (n, c) = x.shape[:-2], x.shape[-2:]
         t = math.prod(lead)
         x2 = x.reshape(t, n * c).contiguous()
@@ -222,6 +252,10 @@ class MHCSiteEnterFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, du, _, g_post, g_res):
+        """Gradients of ``(x, fn, base, scale)``: the site's whole ``dx`` in one pass.
+
+        ``h_pre`` is non-differentiable, so its gradient (``_``) is ignored.
+        """
         x2, fn, base, scale, *saved = ctx.saved_tensors
         dx, dfn, dbase, dscale = enter_backward(
             x2.view(ctx.shape), fn, base, scale, saved, du, g_post, g_res, ctx.link, ctx.iters,
@@ -235,6 +269,7 @@ class MHCSiteExitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, h_post, h_res, link):
+        """Post + residual mix ``x_next: [..., n, C]``; records the exit on ``link``."""
         lead, (n, c) = x.shape[:-2], x.shape[-2:]
         t = math.prod(lead)
         x3, y2 = x.contiguous().view(t, n, c), y.contiguous().view(t, c)
@@ -247,6 +282,11 @@ class MHCSiteExitFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        """Gradients of ``(y, h_post, h_res)``; none for ``x``, which the enter's backward writes.
+
+        Taken from the next site's chained pass if it computed them for this ``dout``, else
+        computed here; either way ``dout`` is left on ``link`` for the enter's ``dx`` pass.
+        """
         chained = chained_exit_backward(ctx.link, dout, ctx.shapes[1:])
         if chained is not None:
             return None, *chained, None
@@ -272,8 +312,11 @@ def mhc_site_enter(
 
     Args:
         x: ``[..., n, C]`` streams (bf16, fp16 or fp32), ``n <= 8``.
-        fn, base, scale: the site's fp32 parameters, as in ``kernels.mhc_coefficients``.
-        iters, eps: Sinkhorn iterations and eps.
+        fn: ``[n*n + 2n, n*C]`` the site's fp32 projection, as in ``kernels.mhc_coefficients``.
+        base: ``[n*n + 2n]`` the site's fp32 static logits, as in ``kernels.mhc_coefficients``.
+        scale: ``[3]`` the site's fp32 gating factors, as in ``kernels.mhc_coefficients``.
+        iters: Sinkhorn iterations, ``>= 1``.
+        eps: eps of the RMS, of ``h_pre`` and of the Sinkhorn denominators.
         deterministic: accepted for ``--deterministic-mode``; no atomics are used.
         after: the link of the site whose :func:`mhc_site_exit` returned ``x``: the two
             backward passes then run chained (module docstring). Ignored if ``x`` is not that
@@ -306,7 +349,8 @@ def mhc_site_exit(
     Args:
         x: ``[..., n, C]``, the same streams given to :func:`mhc_site_enter`.
         y: ``[..., C]`` branch output.
-        h_post, h_res: from :func:`mhc_site_enter`.
+        h_post: ``[..., n]`` from :func:`mhc_site_enter`.
+        h_res: ``[..., n, n]`` from :func:`mhc_site_enter`.
         link: from :func:`mhc_site_enter`.
 
     Returns:

@@ -24,6 +24,10 @@ class LocalMLACoreAttention(DotProductAttention):
 
     Takes Megatron's core-attention inputs ``query: [sq, b, np, hk]``, ``key: [sk, b, np, hk]``,
     ``value: [sk, b, np, hv]`` and returns ``[sq, b, np*hv]``.
+
+    Constructed as ``DotProductAttention``, plus the ``k_channels`` (``hk``) and ``v_channels``
+    (``hv``) keywords that ``MLASelfAttention`` passes; they are only recorded, the head dims
+    are read from the inputs.
     """
 
     def __init__(self, *args, k_channels: int | None = None, v_channels: int | None = None,

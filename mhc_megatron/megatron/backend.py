@@ -17,8 +17,11 @@ def _interpreting() -> bool:
 
 @functools.cache
 def _kernels() -> types.SimpleNamespace:
-    """The fused kernels, imported on first use: ``TRITON_INTERPRET`` is read when the kernels
-    are defined, so importing them early would fix the mode before tests can choose it."""
+    """The fused kernels, imported on first use.
+
+    ``TRITON_INTERPRET`` is read when the kernels are defined, so importing them early would fix
+    the mode before tests can choose it.
+    """
     from mhc_megatron.kernels import site
     from mhc_megatron.kernels.coefficients import mhc_coefficients
     from mhc_megatron.kernels.post_res import mhc_post_res
@@ -71,12 +74,15 @@ _TORCH_OPS = types.SimpleNamespace(
 
 
 def site_ops(config: MHCTransformerConfig, device: torch.device):
-    """The functions a site calls: ``mhc_coefficients``, ``mhc_pre``, ``mhc_post_res``, with the
-    signatures of :mod:`mhc_megatron.ops` (the kernels' coefficients also take
-    ``deterministic``, bound here from ``config.deterministic_mode``), and ``fused_site``: the
-    module :mod:`mhc_megatron.kernels.site` where an mHC site runs whole on the kernels (one
-    ``dx`` pass in backward), else None (torch ops; HC and mHC-lite, whose coefficients are
-    torch ops, use the separate mixes)."""
+    """The functions a site calls, on the torch ops or on the fused kernels.
+
+    ``mhc_coefficients``, ``mhc_pre``, ``mhc_post_res``, with the signatures of
+    :mod:`mhc_megatron.ops` (the kernels' coefficients also take ``deterministic``, bound here
+    from ``config.deterministic_mode``), and ``fused_site``: the module
+    :mod:`mhc_megatron.kernels.site` where an mHC site runs whole on the kernels (one ``dx``
+    pass in backward), else None (torch ops; HC and mHC-lite, whose coefficients are torch ops,
+    use the separate mixes).
+    """
     if resolve_backend(config, device) == "torch":
         return _TORCH_OPS
     kernels = _kernels()

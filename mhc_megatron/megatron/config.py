@@ -79,6 +79,12 @@ class MHCTransformerConfig(TransformerConfig):
     (mhc_megatron/megatron/diagnostics.py)."""
 
     def __post_init__(self):
+        """Checks the mHC fields, then Megatron's own, then the Megatron features mHC supports.
+
+        Raises:
+            MHCConfigError: an invalid mHC setting, or a Megatron feature the variant does not
+                support; the message says what to change.
+        """
         self._check_mhc_fields()
         if self.mhc_variant != "residual" and self.kv_channels is None:
             heads = self.num_attention_heads

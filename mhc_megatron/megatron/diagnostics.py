@@ -58,8 +58,10 @@ class SiteRecord:
 
 
 def _sample(t: torch.Tensor, tokens: int) -> torch.Tensor:
-    """``[s, b, ...]`` to ``[min(s*b, tokens), ...]`` fp32 on CPU, evenly strided tokens (the
-    same indices on every pipeline stage, so the composite product pairs the same tokens)."""
+    """``[s, b, ...]`` to ``[min(s*b, tokens), ...]`` fp32 on CPU, evenly strided tokens.
+
+    The same indices on every pipeline stage, so the composite product pairs the same tokens.
+    """
     flat = t.detach().flatten(0, 1)
     step = max(1, -(-flat.shape[0] // tokens))
     return flat[::step][:tokens].float().cpu()
@@ -90,8 +92,10 @@ class Recorder:
         self.armed = False
 
     def offer(self, layer_number: int, kind: str, h_pre, h_post, h_res) -> None:
-        """Called by every site with its coefficients ``[s, b, n]``, ``[s, b, n]``,
-        ``[s, b, n, n]``; records them when armed and the site has room."""
+        """Records a site's coefficients when armed and the site has room; every site calls it.
+
+        The coefficients are ``h_pre [s, b, n]``, ``h_post [s, b, n]``, ``h_res [s, b, n, n]``.
+        """
         if not self.armed:
             return
         records = self.records.setdefault(site_key(layer_number, kind), [])
@@ -148,8 +152,10 @@ def stability_statistics(records: dict[str, list[SiteRecord]]) -> dict[str, dict
 
 
 def summarize(stats: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The headline numbers: composite gains at the last site, largest single-site gains and
-    Sinkhorn errors."""
+    """The headline numbers of per-site ``stats``.
+
+    Composite gains at the last site, largest single-site gains and Sinkhorn errors.
+    """
     if not stats:
         return {}
     last = stats[next(reversed(stats))]
@@ -211,6 +217,7 @@ class NonFiniteSites:
         return None
 
     def reset(self) -> None:
+        """Drops the sums; the optimizer step guard calls it after every step."""
         self.sums = {}
 
 

@@ -193,8 +193,10 @@ class GroupedGemmMLP(MegatronModule):
         return self.linear_fc1.takes_grouped_mm(x) and self.linear_fc2.takes_grouped_mm(x)
 
     def _activation(self, h, bias_rows, probs):
-        """Megatron's MLP activation (bias, GLU, clamps, fusions, times ``probs``) on fc1's
-        output ``h: [rows, out1]``: MLP.forward run on stand-ins for its two linears."""
+        """Megatron's MLP activation (bias, GLU, clamps, fusions, times ``probs``) on fc1's output.
+
+        ``h: [rows, out1]``; MLP.forward is run on stand-ins for its two linears.
+        """
         view = types.SimpleNamespace(
             config=self.config, activation_func=self.activation_func,
             linear_fc1=_ReturnsInput(bias_rows), linear_fc2=_ReturnsInput(None),
@@ -331,8 +333,10 @@ class GroupedGemmMLP(MegatronModule):
 
 
 def use_grouped_gemm_experts(layer_spec) -> bool:
-    """Swaps ``SequentialMLP`` for :class:`GroupedGemmMLP` in a local layer spec's MoE experts
-    (in place; the caller copies shared specs). Returns whether the spec had such experts."""
+    """Swaps ``SequentialMLP`` for :class:`GroupedGemmMLP` in a local layer spec's MoE experts.
+
+    In place; the caller copies shared specs. Returns whether the spec had such experts.
+    """
     mlp = getattr(layer_spec.submodules, "mlp", None)
     moe = getattr(mlp, "keywords", {}).get("submodules")
     experts = getattr(moe, "experts", None)

@@ -50,6 +50,8 @@ class MHCTransformerLayer(TransformerLayer):
     and dropout), then ``x_next[i] = sum_j H_res[i, j] x[j] + h_post[i] y``. Everything inside
     the branches (TE-fused norms, selective recompute, MoE dispatch, TP/SP) is Megatron's own:
     this class only wraps ``_forward_attention`` and ``_forward_mlp``.
+
+    Same constructor as ``TransformerLayer``; it adds the layer's two sites (attention and MLP).
     """
 
     def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs):
@@ -119,10 +121,12 @@ class MHCTransformerLayer(TransformerLayer):
 
     @staticmethod
     def _enter(block, site, x, mix, previous=None):
-        """``(u [s, b, C], h_post, h_res, handle)``: the site's coefficients and branch input;
+        """``(u [s, b, C], h_post, h_res, handle)``: the site's coefficients and branch input.
+
         ``handle`` (what ``_exit`` needs besides) is the recompute block's site index, the fused
         site's link, or None. ``previous``: the fused-site link of the site whose exit gave
-        ``x`` (their backward passes chain), or None."""
+        ``x`` (their backward passes chain), or None.
+        """
         if block is not None:
             return enter_site(block, site, x, mix.mhc_pre)
         if mix.fused_site is not None:

@@ -66,8 +66,10 @@ class RecomputeBlock:
         return self._streams[index]
 
     def release(self, index: int) -> None:
-        """Frees site ``index``'s input streams after its second backward use (post+res, then
-        coefficients + pre-mix)."""
+        """Frees site ``index``'s input streams after their second backward use.
+
+        The two uses are post+res, then coefficients + pre-mix.
+        """
         self._uses[index] = self._uses.get(index, 0) + 1
         if self._uses[index] == 2 and index > 0:  # the block input stays: rebuilds start there
             self._streams.pop(index, None)
@@ -120,9 +122,11 @@ class _SiteExit(torch.autograd.Function):
 
 
 class _FusedSiteEnter(torch.autograd.Function):
-    """:class:`_SiteEnter` on the fused site kernels: saves the coefficients' small state (fp32,
-    ``O(n*n)`` a token), not the streams; backward calls the fused backward on the rebuilt
-    streams, with nothing re-run."""
+    """:class:`_SiteEnter` on the fused site kernels.
+
+    Saves the coefficients' small state (fp32, ``O(n*n)`` a token), not the streams; backward
+    calls the fused backward on the rebuilt streams, with nothing re-run.
+    """
 
     @staticmethod
     def forward(ctx, x, fn, base, scale, site, block, index):
@@ -223,9 +227,11 @@ def exit_site(block: RecomputeBlock, x, y, h_post, h_res, index: int) -> torch.T
 
 
 def saved_activation_bytes(model: torch.nn.Module, step) -> int:
-    """Bytes of activations one ``step()`` (a forward whose graph is kept for backward) holds
-    for backward: every tensor saved by autograd (saved-tensor hooks), plus the input streams
-    the recompute blocks keep, each storage counted once and parameters not at all.
+    """Bytes of activations one ``step()`` holds for backward.
+
+    ``step`` is a forward whose graph is kept for backward. Counted: every tensor saved by
+    autograd (saved-tensor hooks), plus the input streams the recompute blocks keep, each
+    storage counted once and parameters not at all.
 
     Args:
         model: the model ``step`` runs (its parameters are excluded).

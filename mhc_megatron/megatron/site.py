@@ -17,8 +17,10 @@ RESIDUAL_INIT_LITE_OTHERS = -18.0
 
 
 def res_rows(variant: str, n: int) -> int:
-    """Rows of ``fn`` (and entries of ``base``) for H_res: ``n*n`` logits, or one per
-    permutation (``n!``) for mhc-lite."""
+    """Rows of ``fn`` (and entries of ``base``) for H_res.
+
+    ``n*n`` logits, or one per permutation (``n!``) for mhc-lite.
+    """
     return math.factorial(n) if variant == "mhc-lite" else n * n
 
 
@@ -86,6 +88,7 @@ class MHCSite(KeepFP32Module):
     Args:
         config: the model's MHCTransformerConfig (variant hc, mhc or mhc-lite).
         layer_index: 0-based global layer index (for HC's paper init).
+        kind: ``attention`` or ``mlp``, the branch the site wraps; names it in the diagnostics.
     """
 
     def __init__(self, config: MHCTransformerConfig, layer_index: int, kind: str = "attention"):
@@ -119,8 +122,10 @@ class MHCSite(KeepFP32Module):
         return self.coefficients(x, self.fn, self.base, self.scale)
 
     def coefficients(self, x, fn, base, scale):
-        """The coefficients with the parameters passed in (the stream recompute passes detached
-        copies). Shapes as :meth:`forward`."""
+        """The coefficients with the parameters passed in.
+
+        The stream recompute passes detached copies. Shapes as :meth:`forward`.
+        """
         if self.config.mhc_variant == "hc":
             # The fused coefficients kernel is mHC's (Sinkhorn); HC, a baseline for stability
             # studies, keeps the torch ops here and uses the fused mixes in the layer.

@@ -16,8 +16,11 @@ from mhc_megatron.megatron.streams import CollapseStreamsNorm
 
 
 def use_transformer_engine(config: MHCTransformerConfig) -> bool:
-    """Whether to build TE modules: ``--transformer-impl transformer_engine`` (Megatron's
-    default) needs TransformerEngine importable; without it the error says to pass ``local``."""
+    """Whether to build TE modules.
+
+    ``--transformer-impl transformer_engine`` (Megatron's default) needs TransformerEngine
+    importable; without it the error says to pass ``local``.
+    """
     if config.transformer_impl != "transformer_engine":
         return False
     if not HAVE_TE:

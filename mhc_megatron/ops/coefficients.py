@@ -1,5 +1,7 @@
-"""Per-token mixing coefficients of one site: mHC (Sinkhorn), HC (unconstrained) and mHC-lite
-(convex combinations of permutation matrices).
+"""Per-token mixing coefficients of one site.
+
+Three variants: mHC (Sinkhorn), HC (unconstrained) and mHC-lite (convex combinations of
+permutation matrices).
 
 mHC and HC share the parameter layout of ``docs/mhc-spec.md`` section 1:
 ``fn [n*n + 2n, n*C]`` with rows ordered ``[pre (n) | post (n) | res (n*n)]``, ``base`` in the
@@ -64,8 +66,11 @@ def _projected_mixes(
 
 
 def _gates_and_res_logits(mixes, base, scale, n: int, eps: float):
-    """mHC's ``h_pre = sigmoid(.) + eps``, ``h_post = 2 sigmoid(.)`` and the gated res logits
-    ``a_res * m_res + b_res`` from ``mixes [..., 2n + res]`` (res: n*n, or n! for mHC-lite)."""
+    """The mHC gates ``h_pre``, ``h_post`` and the gated res logits from ``mixes``.
+
+    ``h_pre = sigmoid(.) + eps``, ``h_post = 2 sigmoid(.)`` and the res logits
+    ``a_res * m_res + b_res``, from ``mixes [..., 2n + res]`` (res: n*n, or n! for mHC-lite).
+    """
     base = base.to(mixes.dtype)
     scale = scale.to(mixes.dtype)
     h_pre = torch.sigmoid(scale[0] * mixes[..., :n] + base[:n]) + eps
@@ -81,7 +86,7 @@ def mhc_coefficients(
     iters: int = 20,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mHC coefficients of one site (spec section 1).
+    """The mHC coefficients of one site (spec section 1).
 
     ``h_pre = sigmoid(a_pre * m_pre + b_pre) + eps``, ``h_post = 2 * sigmoid(a_post * m_post +
     b_post)``, ``H_res = sinkhorn(reshape(a_res * m_res + b_res, n, n))`` with
@@ -142,8 +147,10 @@ def hc_coefficients(
 
 @functools.cache
 def _permutations(n: int) -> torch.Tensor:
-    """``[n!, n, n]`` fp64 CPU: ``P[k, i, sigma_k(i)] = 1`` for the permutations of ``range(n)``
-    in lexicographic order (``k = 0`` is the identity)."""
+    """``[n!, n, n]`` fp64 CPU: ``P[k, i, sigma_k(i)] = 1`` for the permutations of ``range(n)``.
+
+    The permutations are in lexicographic order (``k = 0`` is the identity).
+    """
     perms = torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long)
     return torch.nn.functional.one_hot(perms, n).to(torch.float64)
 

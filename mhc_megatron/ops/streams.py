@@ -1,5 +1,7 @@
-"""Entering and leaving the n-stream residual: expand after the embedding, collapse before the
-final norm (spec section 2)."""
+"""Entering and leaving the n-stream residual (spec section 2).
+
+Expand after the embedding, collapse before the final norm.
+"""
 
 import torch
 

@@ -13,18 +13,23 @@ _PERCENT = re.compile(r"%(\([^)]*\)[a-zA-Z]|%)?")
 
 
 def _escape_bare_percents(parser: argparse.ArgumentParser) -> None:
-    """Makes ``--help`` work: Megatron 0.19.2's help of
-    ``--moe-paged-stash-buffer-size-factor-cuda`` ends in a bare ``10%)``, and argparse raises
-    ``ValueError: unsupported format character`` on it, so ``pretrain_mhc.py --help`` crashed."""
+    """Makes ``--help`` work by escaping the bare ``%`` in the parser's help strings.
+
+    Megatron 0.19.2's help of ``--moe-paged-stash-buffer-size-factor-cuda`` ends in a bare
+    ``10%)``, and argparse raises ``ValueError: unsupported format character`` on it, so
+    ``pretrain_mhc.py --help`` crashed.
+    """
     for action in parser._actions:
         if action.help:
             action.help = _PERCENT.sub(lambda m: m.group(0) if m.group(1) else "%%", action.help)
 
 
 def add_mhc_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds ``--cpu``, the step LR schedule flags (schedule.py) and one ``--mhc-*`` flag per
-    MHCTransformerConfig field (help from the field's docstring, choices from its Literal type)
-    to Megatron's parser."""
+    """Adds the mhc_megatron flags to Megatron's parser.
+
+    ``--cpu``, the step LR schedule flags (schedule.py) and one ``--mhc-*`` flag per
+    MHCTransformerConfig field (help from the field's docstring, choices from its Literal type).
+    """
     _escape_bare_percents(parser)
     names = {f.name for f in mhc_fields()}
     excluded = [f for f in MHCTransformerConfig.__dataclass_fields__ if f not in names]

@@ -1,5 +1,7 @@
-"""Run-time guards around Megatron's training loop: no non-finite step is applied or saved, and a
-load that fails says which checkpoint and what to do.
+"""Run-time guards around Megatron's training loop.
+
+No non-finite step is applied or saved, and a load that fails says which checkpoint and what to
+do.
 
 The wrappers are installed by ``megatron_patches.install`` (the list of every Megatron patch);
 this module only builds them.
@@ -29,8 +31,10 @@ from mhc_megatron.training.run_checks import RunCheckError, available_iterations
 
 
 class _NonFiniteLoss:
-    """Whether any training micro-batch of this iteration had a non-finite loss (a device flag,
-    read only when the optimizer step is about to run)."""
+    """Whether any training micro-batch of this iteration had a non-finite loss.
+
+    A device flag, read only when the optimizer step is about to run.
+    """
 
     flag: torch.Tensor | None = None
 
@@ -52,8 +56,10 @@ def _rank() -> int:
 
 
 def _any_rank(local: torch.Tensor) -> bool:
-    """True when the boolean scalar ``local`` (on the model's device, which the process group's
-    backend takes) is true on any rank: one all-reduce."""
+    """True when the boolean scalar ``local`` is true on any rank: one all-reduce.
+
+    ``local`` is on the model's device, which the process group's backend takes.
+    """
     flag = local.to(torch.float32).reshape(1)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -78,8 +84,10 @@ def _param_name(name: str) -> str:
 
 
 def _grad_tensors(model_chunks) -> list[torch.Tensor]:
-    """The gradient storage of the model: DDP's flat buffers where they exist, else each
-    parameter's ``main_grad`` or ``grad``."""
+    """The gradient storage of the model.
+
+    DDP's flat buffers where they exist, else each parameter's ``main_grad`` or ``grad``.
+    """
     tensors = []
     for chunk in model_chunks:
         buffers = list(getattr(chunk, "buffers", [])) + list(
@@ -255,8 +263,10 @@ def guarded_load(load):
 
 
 def explained_scheduler_check(check):
-    """``OptimizerParamScheduler._check_and_set`` that says which flag extends or changes a run
-    where Megatron asserts without a message."""
+    """``OptimizerParamScheduler._check_and_set`` that says which flag extends or changes a run.
+
+    Megatron asserts there without a message.
+    """
 
     @functools.wraps(check)
     def _check_and_set(self, cls_value, sd_value, name):

@@ -1,5 +1,6 @@
-"""Checks that run before Megatron starts: the checkpoint to resume, the model it holds, the data,
-and one run per output directory.
+"""Checks that run before Megatron starts.
+
+The checkpoint to resume, the model it holds, the data, and one run per output directory.
 
 Each failure raises :class:`RunCheckError` with a message that names the file or setting and
 says what to pass instead; ``pretrain_mhc.py`` prints it and exits 1 on every rank, before any
@@ -552,8 +553,11 @@ def read_index(prefix: str) -> IndexedDatasetInfo:
 
 
 def max_token_id(prefix: str, info: IndexedDatasetInfo) -> tuple[int, bool]:
-    """``(largest token id, whether every token was read)`` of ``prefix.bin``: all of it up to
-    :data:`FULL_SCAN_BYTES`, else :data:`SCAN_WINDOWS` evenly spaced windows."""
+    """``(largest token id, whether every token was read)`` of ``prefix.bin``.
+
+    Reads all of it up to :data:`FULL_SCAN_BYTES`, else :data:`SCAN_WINDOWS` evenly spaced
+    windows.
+    """
     data = np.memmap(prefix + ".bin", dtype=info.dtype, mode="r")
     if data.size == 0:
         return -1, True
@@ -722,8 +726,9 @@ def _global_rank() -> int:
 
 
 def check_schedule(args) -> None:
-    """The learning-rate schedule Megatron's OptimizerParamScheduler accepts, checked first:
-    there its violations are bare AssertionErrors.
+    """Checks the learning-rate schedule before Megatron's OptimizerParamScheduler does.
+
+    There its violations are bare AssertionErrors.
 
     Raises:
         RunCheckError: ``--min-lr`` above ``--lr``, or a warmup that does not end before the

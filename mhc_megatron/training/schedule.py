@@ -1,6 +1,7 @@
-"""The step learning-rate schedule of the mHC paper (DeepSeek's): after the linear warmup the LR
-stays at its peak and drops to fixed fractions of it at fixed fractions of training (0.316x at
-80%, 0.1x at 90%).
+"""The step learning-rate schedule of the mHC paper (DeepSeek's).
+
+After the linear warmup the LR stays at its peak and drops to fixed fractions of it at fixed
+fractions of training (0.316x at 80%, 0.1x at 90%).
 
 Megatron-Core 0.19.2 has no step schedule (``--lr-decay-style`` is constant, linear, cosine,
 inverse-square-root or WSD). ``--lr-step-decay-fractions F1 F2 ...`` with
@@ -72,9 +73,12 @@ def step_milestones(args: argparse.Namespace) -> tuple[tuple[float, float], ...]
 
 
 class StepDecayParamScheduler(OptimizerParamScheduler):
-    """OptimizerParamScheduler whose LR after warmup is ``max_lr`` times the factor of the
-    last milestone reached. Megatron counts steps in samples (``num_steps``,
-    ``lr_decay_steps``); the milestones are fractions of ``lr_decay_steps``."""
+    """OptimizerParamScheduler with the step schedule.
+
+    After warmup the LR is ``max_lr`` times the factor of the last milestone reached. Megatron
+    counts steps in samples (``num_steps``, ``lr_decay_steps``); the milestones are fractions of
+    ``lr_decay_steps``.
+    """
 
     milestones: tuple[tuple[float, float], ...] = ()
 
