@@ -145,7 +145,7 @@ stage mhc_site_compile "${LIMITS[2]}" "$PYTHON" benchmarks/bench_mhc_site.py "${
 stage step "${LIMITS[3]}" "$PYTHON" benchmarks/bench_step.py "${STEP_ARGS[@]}"
 stage experts "${LIMITS[5]}" "$PYTHON" benchmarks/bench_experts.py "${EXPERTS_ARGS[@]}"
 for variant in mhc residual; do
-  PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  PORT="$("$PYTHON" mhc_megatron/processes.py free-port)"
   stage "pretrain_$variant" "${LIMITS[4]}" "$PYTHON" -m torch.distributed.run --nproc-per-node 1 \
     --master-addr 127.0.0.1 --master-port "$PORT" pretrain_mhc.py "${TRAIN[@]}" \
     --mhc-variant "$variant"

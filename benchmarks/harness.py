@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import re
-import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -139,17 +138,9 @@ def init_single_rank(device: torch.device | str) -> None:
         enable_cpu_mode()  # Megatron's hard-coded CUDA calls run on CPU from here on
     else:
         torch.cuda.set_device(0)
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+    from mhc_megatron.processes import init_single_rank
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        dist.init_process_group("gloo" if cpu else "nccl", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
+    init_single_rank("gloo" if cpu else "nccl")
 
 
 def write_json(out: Path, data: dict) -> None:

@@ -1,12 +1,15 @@
-"""Process helpers shared by the tools and tests that launch training.
+"""Process helpers shared by the tools, tests, benchmarks and example scripts.
 
-Free ports, and killing a whole launch (run.sh, torchrun and every rank).
+Free ports (also for shell scripts: ``python mhc_megatron/processes.py free-port``, stdlib and
+psutil only, no install needed), a one-rank process group for tools that build a model in one
+process, and killing a whole launch (run.sh, torchrun and every rank).
 """
 
 import os
 import signal
 import socket
 import subprocess
+import sys
 
 import psutil
 
@@ -16,6 +19,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_single_rank(backend: str = "gloo") -> bool:
+    """A one-rank process group and Megatron's model-parallel state, everything of size 1.
+
+    For tools, benchmarks and tests that build a model in one process without ``pretrain()``.
+    The rendezvous is a free port of this process's own (never an inherited MASTER_PORT, which
+    a parent test session or torchrun may still be listening on).
+
+    Args:
+        backend: ``gloo`` (CPU) or ``nccl`` (one GPU).
+
+    Returns:
+        Whether the process group was created here (the caller destroys it then).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    created = not dist.is_initialized()
+    if created:
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        dist.init_process_group(backend, init_method=init_method, rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    return created
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -55,3 +83,10 @@ def wait_or_kill(proc: subprocess.Popen, timeout_s: float | None) -> int | None:
             kill_tree(proc)
             proc.wait()
     return rc
+
+
+if __name__ == "__main__":
+    # Shell scripts pick their rendezvous port with: python mhc_megatron/processes.py free-port
+    if sys.argv[1:] != ["free-port"]:
+        sys.exit("usage: python mhc_megatron/processes.py free-port")
+    print(free_port())

@@ -27,7 +27,7 @@ CPU_MODE_CHILD = "MHC_TESTS_CPU_MODE_CHILD"  # set in that child
 # them out: the quick subset (math, kernels on small shapes, configs, checks, tools).
 SLOW_MODULES = (
     "test_parallel_layouts.py", "test_pretrain_mhc.py", "test_slurm.py", "test_run_safety.py",
-    "test_stability.py", "test_scaling_sweep.py", "test_device_check.py", "test_cpu_mode.py",
+    "test_stability.py", "test_sweep_end_to_end.py", "test_device_check.py", "test_cpu_mode.py",
     "test_cpu_mode_modules.py", "test_recipes.py", "test_bench_recompute.py",
     "test_bench_step.py", "test_bench_mhc_site.py", "test_bench_traffic.py",
     "test_kernels_chain.py", "test_docker_image.py",

@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -187,9 +186,9 @@ def _initialize(args) -> None:
     from megatron.training.global_vars import set_global_variables
     from megatron.training.initialize import initialize_megatron
 
-    with socket.socket() as s:  # init_process_group reads the rendezvous from the environment
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from mhc_megatron.processes import free_port
+
+    port = free_port()  # init_process_group reads the rendezvous from the environment
     # Always this process's own one-rank group: a MASTER_PORT inherited from a parent (a test
     # session, a torchrun) would be shared by the measures that `report --jobs` runs at once.
     os.environ.update(

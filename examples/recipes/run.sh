@@ -37,8 +37,6 @@ esac
 # shellcheck source=/dev/null
 source "$HERE/$RECIPE.sh"
 
-# Prints a TCP port that is free right now (the default rendezvous port).
-FREE_PORT_PY='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -90,7 +88,7 @@ if (( NNODES > 1 )); then
 else
   # A free port unless MASTER_PORT is set: two single-node runs on one machine do not collide.
   LAUNCH=(--nnodes 1 --master-addr "${MASTER_ADDR:-127.0.0.1}"
-          --master-port "${MASTER_PORT:-$("$PYTHON" -c "$FREE_PORT_PY")}")
+          --master-port "${MASTER_PORT:-$("$PYTHON" "$ROOT/mhc_megatron/processes.py" free-port)}")
 fi
 
 echo "recipe $RECIPE, variant $VARIANT, $NNODES node(s) x $NPROC_PER_NODE rank(s), out $OUT_DIR"

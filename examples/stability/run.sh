@@ -26,8 +26,6 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 mkdir -p "$OUT_DIR"
-# Prints a TCP port that is free right now (the default rendezvous port).
-FREE_PORT_PY='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 
 # 1. Data: the standard library's top-level modules, byte-level (as examples/tiny; no download).
@@ -70,7 +68,7 @@ for VARIANT in $VARIANTS; do
   start=$SECONDS
   # MHC_LOG_FILE: pretrain_mhc.py's last line names the log. A free port unless MASTER_PORT is set.
   MHC_LOG_FILE="$RUN/train.log" "$PYTHON" -m torch.distributed.run --nproc-per-node 1 \
-    --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-$("$PYTHON" -c "$FREE_PORT_PY")}" \
+    --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-$("$PYTHON" "$ROOT/mhc_megatron/processes.py" free-port)}" \
     "$ROOT/pretrain_mhc.py" \
     "${CPU_ARGS[@]}" "${MODEL_ARGS[@]}" --mhc-variant "$VARIANT" "${TRAIN_ARGS[@]}" \
     --save "$RUN/checkpoints" --load "$RUN/checkpoints" --tensorboard-dir "$RUN/tensorboard" \

@@ -19,8 +19,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 NPROC="${NPROC:-1}"
 TRAIN_ITERS="${TRAIN_ITERS:-300}"
 OUT_DIR="${OUT_DIR:-$ROOT/runs/tiny}"
-# Prints a TCP port that is free right now (the default rendezvous port).
-FREE_PORT_PY='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -57,4 +55,4 @@ ARGS=(
 )
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --master-addr 127.0.0.1 \
-  --master-port "${MASTER_PORT:-$("$PYTHON" -c "$FREE_PORT_PY")}" "$ROOT/pretrain_mhc.py" "${ARGS[@]}" "$@"
+  --master-port "${MASTER_PORT:-$("$PYTHON" "$ROOT/mhc_megatron/processes.py" free-port)}" "$ROOT/pretrain_mhc.py" "${ARGS[@]}" "$@"

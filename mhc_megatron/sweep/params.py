@@ -1,4 +1,4 @@
-"""Active parameter counts of a sweep's models, built on the meta device by ``count_params``.
+"""Active parameter counts of a sweep's models, built on the meta device (training/count_params).
 
 ``count_active_params`` runs this module as ``python -m mhc_megatron.sweep.params``: one
 subprocess for all the models missing from the cache, because Megatron keeps global state and
@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 from mhc_megatron.sweep.grid import ROOT, SweepError
 
-COUNT_PARAMS = ROOT / "tools" / "count_params.py"
 # Counting parameters with one rank of everything: the grid's parallel sizes are for training.
 ONE_RANK_ARGS = [
     "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
@@ -77,12 +75,12 @@ def main(extra_args: list[str]) -> None:
     Args:
         extra_args: pretrain_mhc.py arguments appended to every model's (ONE_RANK_ARGS).
     """
-    # tools/count_params.py is a script, not a module of the package: run its file for its
-    # functions (its main() does not run: the run name is not "__main__").
-    count_params = runpy.run_path(str(COUNT_PARAMS))
-    build_meta_model = count_params["build_meta_model"]
-    count_parameters = count_params["count_parameters"]
-    recipe_args = count_params["recipe_args"]
+    from mhc_megatron.training.count_params import (
+        build_meta_model,
+        count_parameters,
+        recipe_args,
+    )
+
     out = []
     for recipe, variant, args in json.load(sys.stdin):
         model, margs = build_meta_model(recipe_args(recipe, variant) + args + extra_args)

@@ -25,8 +25,7 @@ REL_TOL = 0.03
 
 COUNT_SCRIPT = """
 import json, sys
-sys.path.insert(0, "tools")
-from count_params import build_meta_model, count_parameters, recipe_args
+from mhc_megatron.training.count_params import build_meta_model, count_parameters, recipe_args
 out = {}
 for recipe in sys.argv[1:]:
     for variant in ("mhc", "residual"):
