@@ -17,15 +17,8 @@ from tests.tools.data_helpers import (
     byte_ids,
     files_in,
     read_docs,
-    tool_runner,
     write_jsonl,
 )
-
-
-@pytest.fixture
-def run_tool(tmp_path_factory, capsys):
-    """``run_tool(*args) -> (exit code, stdout, stderr)`` of an in-process ``main``."""
-    return tool_runner(tmp_path_factory, capsys)
 
 
 def test_text_files_are_one_document_each(tmp_path, run_tool):

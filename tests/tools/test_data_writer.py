@@ -16,15 +16,8 @@ from tests.tools.data_helpers import (
     files_in,
     load_indexed,
     read_docs,
-    tool_runner,
     write_jsonl,
 )
-
-
-@pytest.fixture
-def run_tool(tmp_path_factory, capsys):
-    """``run_tool(*args) -> (exit code, stdout, stderr)`` of an in-process ``main``."""
-    return tool_runner(tmp_path_factory, capsys)
 
 
 @pytest.mark.parametrize("append_eod", [True, False])

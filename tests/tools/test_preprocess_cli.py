@@ -18,15 +18,8 @@ from tests.tools.data_helpers import (
     SCRIPT,
     byte_ids,
     read_docs,
-    tool_runner,
     write_jsonl,
 )
-
-
-@pytest.fixture
-def run_tool(tmp_path_factory, capsys):
-    """``run_tool(*args) -> (exit code, stdout, stderr)`` of an in-process ``main``."""
-    return tool_runner(tmp_path_factory, capsys)
 
 
 def test_command_line(tmp_path):
