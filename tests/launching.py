@@ -33,18 +33,28 @@ TINY_MOE = [
 
 
 def start(script: Path, nproc: int, args: list[str], out) -> subprocess.Popen:
-    """Starts ``script`` under torchrun in a session of its own, output to the file ``out``."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()),
-        str(script), *args,
-    ]  # fmt: skip
-    env = dict(os.environ)
+    """Starts ``script`` on ``nproc`` ranks in a session of its own, output to the file ``out``.
+
+    Several ranks run under torchrun. One rank runs as a plain process with the variables
+    torchrun would set (RANK, WORLD_SIZE, MASTER_PORT, ...): the same ``pretrain()`` path, less
+    torchrun's own start-up (about 2 s of a launch here); the example scripts' torchrun launches
+    are tested as they are (tests/e2e/test_pretrain_mhc.py, test_slurm.py).
+    """
+    env = child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.pop("TRITON_INTERPRET", None)  # set by conftest.py for the kernel tests only
+    port = str(free_port())
+    if nproc == 1:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                   GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+        cmd = [sys.executable, "-u", str(script), *args]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1",
+            "--master-port", port,
+            str(script), *args,
+        ]  # fmt: skip
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)  # fmt: skip
 
@@ -52,7 +62,8 @@ def start(script: Path, nproc: int, args: list[str], out) -> subprocess.Popen:
 def launch(
     script: Path, nproc: int, args: list[str], log: Path, timeout_s: int = 240
 ) -> tuple[int | None, str]:
-    """Runs ``script`` under torchrun; returns ``(exit code or None on timeout, output)``."""
+    """Runs ``script`` on ``nproc`` ranks (:func:`start`); returns ``(exit code or None on
+    timeout, output)``."""
     with open(log, "w") as out:
         rc = wait_or_kill(start(script, nproc, args, out), timeout_s)
     return rc, log.read_text()

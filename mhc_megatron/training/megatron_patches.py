@@ -3,7 +3,7 @@
 ``pretrain_mhc.py`` calls :func:`install` once, after Megatron parsed the arguments and before
 ``pretrain()``. Nothing else in the package replaces a Megatron attribute: building a model
 changes nothing global, and the wrappers themselves live next to what they add (``guards.py``,
-``schedule.py``, ``diagnostics.py``, ``megatron/pipeline.py``). The one exception is CPU mode
+``schedule.py``, ``stability_log.py``, ``megatron/pipeline.py``). The one exception is CPU mode
 (``--cpu``), whose own version-pinned list is in ``cpu.py``.
 
 The patches (line numbers of megatron-core 0.19.2; :data:`PATCHES` holds the same list):
