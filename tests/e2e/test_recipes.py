@@ -1,11 +1,12 @@
-"""The paper recipes (examples/recipes): parameter counts against the paper's Table 5, the step
-learning-rate schedule, and the launcher on CPU."""
+"""The paper recipes (examples/recipes): parameter counts against the paper's Table 5, the
+count_params tool, and the launcher on CPU (tiny recipe trainings following the step
+learning-rate schedule, and run.sh's refusals of bad input). The schedule's own values and flag
+checks are in ``tests/training/test_schedule.py``."""
 
 import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -83,57 +84,6 @@ def test_count_params_cli_on_the_tiny_recipe():
     # 8 routed experts, 2 active: 3/4 of the routed parameters are inactive.
     inactive = result["total"] - result["embedding"] - result["active"]
     assert inactive == pytest.approx(result["routed_experts"] * 6 / 8, abs=1)
-
-
-def _scheduler(milestones, warmup=4, decay=100, max_lr=1.0):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from mhc_megatron.training.schedule import StepDecayParamScheduler
-
-    scheduler = StepDecayParamScheduler.__new__(StepDecayParamScheduler)
-    # Only what get_lr reads: the base class's __init__ wants an optimizer.
-    scheduler.max_lr, scheduler.init_lr, scheduler.min_lr = max_lr, 0.0, 0.0
-    scheduler.lr_warmup_steps, scheduler.lr_decay_steps = warmup, decay
-    scheduler.milestones = milestones
-    assert isinstance(scheduler, OptimizerParamScheduler)
-    return scheduler
-
-
-def test_step_schedule_values():
-    scheduler = _scheduler(((0.8, 0.316), (0.9, 0.1)))
-    lrs = {}
-    for step in (2, 4, 5, 79, 80, 89, 90, 100, 120):
-        scheduler.num_steps = step
-        lrs[step] = scheduler.get_lr({})
-    assert lrs[2] == pytest.approx(0.5)  # Megatron's linear warmup
-    assert lrs[4] == lrs[5] == lrs[79] == 1.0
-    assert lrs[80] == lrs[89] == 0.316
-    assert lrs[90] == lrs[100] == lrs[120] == 0.1
-    scheduler.num_steps = 85
-    assert scheduler.get_lr({"max_lr": 2.0}) == pytest.approx(0.632)  # per-group max LR
-
-
-@pytest.mark.parametrize(
-    "fractions, factors, style, message",
-    [
-        ([0.8, 0.9], [0.316], "constant", "one factor per fraction"),
-        ([0.9, 0.8], [0.316, 0.1], "constant", "must increase"),
-        ([0.8, 1.2], [0.316, 0.1], "constant", "must increase within"),
-        ([0.8], [1.5], "constant", r"factors must lie in \(0, 1\]"),
-        ([0.8], [0.316], "cosine", "pass --lr-decay-style constant"),
-        (None, [0.316], "constant", "go together"),
-    ],
-)
-def test_step_schedule_bad_flags_say_what_to_change(fractions, factors, style, message):
-    from mhc_megatron.training.schedule import step_milestones
-
-    args = SimpleNamespace(
-        lr_step_decay_fractions=fractions, lr_step_decay_factors=factors,
-        lr_decay_style=style, lr_warmup_fraction=None, lr_warmup_iters=10, lr_decay_iters=None,
-        train_iters=100,
-    )  # fmt: skip
-    with pytest.raises(ValueError, match=message):
-        step_milestones(args)
 
 
 def _run_recipe(tmp_path, recipe, *args, env=None, timeout=240):

@@ -4,14 +4,15 @@ plain-PyTorch reference and against the same sites unchained.
 Site B entered with ``after=`` site A's link runs its ``dx`` pass together with A's exit
 backward, rebuilding B's input streams from A's inputs. The reference is the ops in float64 on
 the same inputs; the unchained run is the same kernels with each site's own passes. Without a
-GPU the kernels run in Triton's interpreter (``tests/conftest.py``).
+GPU the kernels run in Triton's interpreter (``tests/conftest.py``). The empty batch (no tokens)
+is in ``tests/kernels/test_kernels_chain_no_tokens.py``.
 """
 
 import pytest
 import torch
 
 from mhc_megatron import kernels, ops
-from mhc_megatron.kernels import chain, site
+from mhc_megatron.kernels import chain
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -175,16 +176,3 @@ def test_chaining_needs_the_previous_exit_and_n_at_most_4(chain_calls):
         _, _, h_post, h_res, link = kernels.mhc_site_enter(x, fn, base, scale)
         out = kernels.mhc_site_exit(x, u.detach(), h_post, h_res, link)
     assert link.exit_inputs is None and not link.produced(out)
-
-
-def test_no_tokens_chained():
-    x = torch.zeros(0, 4, 16, device=DEVICE, requires_grad=True)
-    fn = torch.randn(24, 64, device=DEVICE, requires_grad=True)
-    base, scale = torch.zeros(24, device=DEVICE), torch.ones(3, device=DEVICE)
-    link = None
-    out = x
-    for _ in range(2):
-        u, _, h_post, h_res, new = site.mhc_site_enter(out, fn, base, scale, after=link)
-        out, link = site.mhc_site_exit(out, u, h_post, h_res, new), new
-    out.sum().backward()
-    assert x.grad.shape == x.shape and torch.equal(fn.grad, torch.zeros_like(fn))
