@@ -11,6 +11,28 @@ n = 4 streams, Sinkhorn mHC with the learned collapse head, no dropout, distribu
 with the fully reshardable checkpoint format (the default ``dp_reshardable`` format only
 re-shards over data parallelism).
 
+Layouts. Each launch costs 10-25 s, so a layout that another one strictly extends is not run on
+its own; the extended one still compares every step with the single rank:
+
+- TP2 + SP: in ``tp2_pp2`` (and, with EP2, in ``tp2_sp_ep2_mhc_recompute_2`` and
+  ``tp2_sp_ep2_grouped_mhc_recompute_2``); TP2 without SP on the dense model
+  (``test_tp2_without_sequence_parallel_dense``).
+- PP2: in ``pp2_ep2`` (without stream recompute), ``pp2_mhc_recompute``, ``tp2_pp2`` and
+  ``pp2_full_recompute_block_mhc_recompute``; interleaved PP2 in
+  ``pp2_interleaved_mhc_recompute_1_selective``.
+- EP2: alltoall in ``ep2_alltoall`` (SequentialMLP) and with TP2 + SP in the ``tp2_sp_ep2_*``
+  layouts; allgather in ``ep2_allgather_grouped_moe_act``.
+- DP2 with the distributed optimizer: ``dp2_distributed_optimizer`` (and the DP the 4-rank
+  layouts leave).
+- Recompute: mHC stream recompute, Megatron's selective (``moe_act``) and full recompute.
+- Grouped-GEMM experts (``--moe-grouped-gemm``): the ``*_grouped_*`` layouts load the
+  SequentialMLP checkpoint and train the same; one of them saves, and its checkpoint resumes as
+  SequentialMLP on one rank.
+
+Checkpoints resume across layouts in three pairs (one rank into TP2 + SP + PP2; TP2 + SP + PP2
+into EP2; grouped experts under TP2 + SP + EP2 into SequentialMLP on one rank), and in the same
+layout bitwise.
+
 Compared per step, from TensorBoard (float32 values, not the 4-7 digits of the log lines):
 ``lm loss`` and ``grad-norm``.
 
@@ -77,17 +99,14 @@ EP2 = ["--expert-model-parallel-size", "2"]
 ALLTOALL = ["--moe-token-dispatcher-type", "alltoall"]
 ALLGATHER = ["--moe-token-dispatcher-type", "allgather"]
 
-# name: (ranks, flags). DP fills the ranks the other dimensions leave.
+# name: (ranks, flags). DP fills the ranks the other dimensions leave. TP2 + SP, plain PP2,
+# plain interleaved PP2, TP2 + SP + EP2 and EP2 with allgather run only inside the layouts that
+# extend them (the module docstring lists where).
 LAYOUTS = {
-    "tp2_sp": (2, [*TP2, *SP]),
-    "pp2": (2, PP2),
-    "pp2_interleaved": (2, [*PP2, "--num-layers-per-virtual-pipeline-stage", "1"]),
     "ep2_alltoall": (2, [*EP2, *ALLTOALL]),
-    "ep2_allgather": (2, [*EP2, *ALLGATHER]),
     "dp2_distributed_optimizer": (2, []),
     "tp2_pp2": (4, [*TP2, *SP, *PP2]),
     "pp2_ep2": (4, [*PP2, *EP2, *ALLTOALL]),
-    "tp2_sp_ep2": (4, [*TP2, *SP, *EP2, *ALLTOALL]),
     # Stream recompute (--mhc-recompute) must not change the training: one block per stage;
     # blocks of one layer with Megatron's own selective recompute on virtual stages; blocks of
     # two layers under TP, SP and EP.
@@ -114,9 +133,16 @@ LAYOUTS = {
     ),
     "ep2_allgather_grouped_moe_act": (
         2,
-        [*EP2, *ALLGATHER, "--moe-grouped-gemm", "--recompute-granularity", "selective",
-         "--recompute-modules", "moe_act"],
-    ),  # fmt: skip
+        [
+            *EP2,
+            *ALLGATHER,
+            "--moe-grouped-gemm",
+            "--recompute-granularity",
+            "selective",
+            "--recompute-modules",
+            "moe_act",
+        ],
+    ),
     # Megatron's full recompute re-runs whole mHC layers; with --mhc-recompute inside it too.
     "full_recompute_uniform": (
         1,
@@ -143,8 +169,9 @@ LAYOUTS = {
         ],
     ),
 }
-# Layouts that also save at iteration 3, for the cross-layout resume tests.
-SAVING_LAYOUTS = ("tp2_pp2", "ep2_alltoall", "tp2_sp_ep2_grouped_mhc_recompute_2")
+# Layouts that also save at iteration 3: those test_checkpoint_resumes_in_another_layout
+# resumes from.
+SAVING_LAYOUTS = ("tp2_pp2", "tp2_sp_ep2_grouped_mhc_recompute_2")
 
 REPLICA_RE = re.compile(r"mhc tp replicas: (\d+) tensors on (\d+) ranks, max \|difference\| (\S+)")
 
@@ -304,14 +331,23 @@ def test_layout_trains_the_single_rank_model(name, moe, layout_runs):
 
 def test_tp2_without_sequence_parallel_dense(tmp_path):
     """TP2 without SP: each TP rank sees all tokens, so the mHC gradients agree without any
-    reduction and the replicated parameters must stay identical."""
-    initial = _initial_checkpoint(tmp_path, TINY_DENSE_MHC)
-    reference = _resume(tmp_path, "reference", 1, TINY_DENSE_MHC, [], initial)
-    run = _resume(tmp_path, "tp2", 2, TINY_DENSE_MHC, TP2, initial)
+    reduction and the replicated parameters must stay identical.
+
+    Both runs train steps 1-4 from scratch: with --use-cpu-initialization the weights are built
+    whole on one generator and then split, and without pipeline stages Megatron seeds TP1 and
+    TP2 alike, so both start from the same model (step 1 compares it) without an initial
+    checkpoint to load.
+    """
     assert "--num-experts" not in TINY_DENSE_MHC and "--sequence-parallel" not in TINY_DENSE_MHC
-    _assert_same_training(run, reference)
+    assert "--use-cpu-initialization" in TINY_DENSE_MHC
+    reference = _train(tmp_path, "reference", 1, TINY_DENSE_MHC)
+    run = _train(tmp_path, "tp2", 2, [*TINY_DENSE_MHC, *TP2])
+    steps = [1, *STEPS]
+    assert sorted(reference.loss) == sorted(run.loss) == steps
+    _assert_same_training(run, reference, steps=steps)
     differences = run.replica_differences()
-    assert len(differences) >= 3 * 4 and max(differences) == 0.0
+    assert len(differences) >= 4 * 4  # 4 steps x 4 micro-batches
+    assert max(differences) == 0.0, "mHC parameters differ between tensor-parallel ranks"
 
 
 def test_resume_in_the_same_layout_is_bitwise(moe):
@@ -326,10 +362,11 @@ def test_resume_in_the_same_layout_is_bitwise(moe):
 @pytest.mark.parametrize(
     "saved_by, resumed_as",
     [
-        ("tp2_pp2", "single_rank"),
-        ("tp2_pp2", "ep2_alltoall"),
+        # One rank into TP2 + SP + PP2, and that layout's checkpoint into EP2. The reverse
+        # directions are not run: many shards into one rank is the grouped pair below, and
+        # loading into TP2 + SP + PP2 is the first pair.
         ("single_rank", "tp2_pp2"),
-        ("ep2_alltoall", "tp2_pp2"),
+        ("tp2_pp2", "ep2_alltoall"),
         # grouped-GEMM experts' checkpoint into SequentialMLP, from EP2 + ETP2 to one rank
         ("tp2_sp_ep2_grouped_mhc_recompute_2", "single_rank"),
     ],

@@ -1,7 +1,14 @@
 """Resume and run safety, end to end (issue 12): a checkpoint never loads into a different model,
 no non-finite step is applied or saved, and bad input exits non-zero before training with a
 message that says what to change. Checks of the same functions without a launch are in
-tests/training/test_run_checks.py."""
+tests/training/test_run_checks.py.
+
+Bad input: three cases, one per way a refusal reaches the user (a checkpoint check and a data
+check in ``run_checks.check_run``, an mHC setting refused by ``MHCTransformerConfig`` after it),
+are launched and must exit 1 with ``error: <message>`` before the first step. The other seven
+fail in the same ``check_run`` before Megatron starts, so they run in this process: the same
+flags through Megatron's parser, then what ``pretrain_mhc.py`` calls before ``pretrain()``, and
+the same message. (A launch costs ~7 s of start-up each.)"""
 
 import re
 import shutil
@@ -223,24 +230,84 @@ def _bad_input(case, reference, corpora, tmp_path):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["garbled-tracker", "empty-tracker", "load-is-a-file", "load-is-another-empty-dir",
-     "damaged-shard", "truncated-shard", "split-without-documents", "truncated-bin",
-     "token-ids-above-vocab", "too-many-streams"],
-)  # fmt: skip
-def test_bad_input_exits_nonzero_with_a_fix(case, reference, corpora, tmp_path):
-    # Before: exit 0 without training (tracker), training from scratch (--load), a hang (split),
-    # late errors naming no file (data, shards), or a 1B-parameter model (n = 100).
+def _bad_input_args(case, reference, corpora, tmp_path):
+    """``(pretrain_mhc.py arguments, expected substrings)`` for one bad input."""
     extra, expected = _bad_input(case, reference, corpora, tmp_path)
     args = [*RUN_FLAGS, "--train-iters", "6", *extra]
     if "--save" not in extra:
         args += ["--save", str(tmp_path / "run")]
+    return args, expected
+
+
+# One case per way a refusal reaches the user: a checkpoint check and a data check (both
+# RunCheckError from run_checks.check_run), and an invalid mHC setting (MHCConfigError from
+# MHCTransformerConfig, built after check_run).
+LAUNCHED_BAD_INPUT = ["garbled-tracker", "split-without-documents", "too-many-streams"]
+# Refused by run_checks.check_run as well, before any process group or Megatron global state:
+# checked in this process (test_bad_input_is_refused_by_the_run_checks).
+IN_PROCESS_BAD_INPUT = [
+    "empty-tracker", "load-is-a-file", "load-is-another-empty-dir", "damaged-shard",
+    "truncated-shard", "truncated-bin", "token-ids-above-vocab",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LAUNCHED_BAD_INPUT)
+def test_bad_input_exits_nonzero_with_a_fix(case, reference, corpora, tmp_path):
+    # Before: exit 0 without training (tracker), training from scratch (--load), a hang (split),
+    # late errors naming no file (data, shards), or a 1B-parameter model (n = 100).
+    args, expected = _bad_input_args(case, reference, corpora, tmp_path)
     text = _run(args, tmp_path / "bad.log", expect_rc=1)
     assert "error: " in text, text[-3000:]
     for fragment in expected:
         assert fragment in text, (fragment, text[-3000:])
     assert FIRST_STEP not in text
+
+
+def _run_checks_refusal(args, monkeypatch) -> str:
+    """The message of the RunCheckError that ``pretrain_mhc.py args`` raises before Megatron
+    starts, found in this process.
+
+    As ``pretrain_mhc.train()``: the CPU flags ``--cpu`` adds, Megatron's parser with the mHC
+    flags, the data-path check, then ``run_checks.check_run`` with the tokenizer's vocabulary
+    size. Megatron's validation (and the global state it sets up) is left out: of the settings
+    these checks read it only fills in a missing --split, and every data case gives one.
+    ``pretrain_mhc.main()`` prints the message after ``error: `` and exits 1, which the launched
+    cases show.
+    """
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+    from megatron.training.arguments import parse_args
+
+    from mhc_megatron.training import gpt_step, run_checks
+    from mhc_megatron.training.arguments import add_mhc_args
+    from mhc_megatron.training.cpu_settings import with_cpu_flags
+
+    assert "--cpu" in args
+    monkeypatch.setattr(sys, "argv", with_cpu_flags([str(SCRIPT), *args]))
+    parsed = parse_args(extra_args_provider=add_mhc_args)
+    gpt_step.check_data_paths(parsed)
+    # Should a check pass after all, this process must not take the run lock on --save.
+    monkeypatch.setattr(run_checks, "_RUN_LOCK", object())
+    with pytest.raises(run_checks.RunCheckError) as refused:
+        run_checks.check_run(parsed, build_tokenizer(parsed).vocab_size)
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("case", IN_PROCESS_BAD_INPUT)
+def test_bad_input_is_refused_by_the_run_checks(case, reference, corpora, tmp_path, monkeypatch):
+    # Before: as test_bad_input_exits_nonzero_with_a_fix.
+    if case == "damaged-shard":
+        # Its message is the one for any failure to read a checkpoint's common state: this
+        # process must read the intact one.
+        from mhc_megatron.training import run_checks
+
+        ckpt, _ = reference
+        info = run_checks.inspect_load_dir(str(ckpt), None, 6)
+        run_checks.verify_shards(info)
+        assert run_checks.read_checkpoint_args(info).mhc_variant == "mhc"
+    args, expected = _bad_input_args(case, reference, corpora, tmp_path)
+    message = _run_checks_refusal(args, monkeypatch)
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
 
 
 def test_resuming_with_more_iterations_says_which_flag_extends_a_run(reference, tmp_path):
