@@ -56,11 +56,14 @@ def _resume_args(ckpt, save, *extra):
 
 def test_tp_change_keeps_the_padded_vocabulary_and_continues_the_curve(reference, tmp_path):
     # Before: TP 2 padded the vocabulary to 512 rows, the 384-row checkpoint loaded without a
-    # word and the first resumed loss was ~6% off.
+    # word and the first resumed loss was ~6% off. The resume also switches the experts from
+    # SequentialMLP to GroupedGemmMLP with Megatron's plain Adam (no distributed optimizer): its
+    # state follows the experts by key (test_parallel_layouts covers the distributed optimizer).
     ckpt, expected = reference
-    layout = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    layout = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--moe-grouped-gemm"]
     text = _run(_resume_args(ckpt, tmp_path / "tp2", *layout), tmp_path / "tp2.log", nproc=2)
     assert "padded vocabulary: 384 rows from the checkpoint" in text
+    assert "MoE experts: GroupedGemmMLP, " in text
     resumed = step_losses(text)
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
