@@ -221,6 +221,8 @@ def test_cpu_mode_maps_cuda_requests_to_cpu():
 def test_enable_cpu_mode_refuses_other_megatron_core_versions(monkeypatch):
     from mhc_megatron.training import cpu
 
+    monkeypatch.setattr(cpu, "_enabled", False)  # this process may run in CPU mode already
+    monkeypatch.setattr(cpu, "_patched", [])
     monkeypatch.setattr(cpu, "_installed_megatron_core_version", lambda: "0.20.0")
     with pytest.raises(RuntimeError, match=r"0\.19\.2") as excinfo:
         cpu.enable_cpu_mode()
@@ -233,6 +235,8 @@ def test_enable_cpu_mode_refuses_once_cuda_is_initialized(monkeypatch):
 
     from mhc_megatron.training import cpu
 
+    monkeypatch.setattr(cpu, "_enabled", False)  # this process may run in CPU mode already
+    monkeypatch.setattr(cpu, "_patched", [])
     monkeypatch.setattr(cpu, "_installed_megatron_core_version", lambda: "0.19.2")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(RuntimeError, match="before anything uses CUDA"):

@@ -54,7 +54,9 @@ def _run(nproc, args, log, expect_ok=True):
     return text
 
 
-@pytest.mark.parametrize("variant", ["residual", "hc", "mhc", "mhc-lite"])
+# mhc and residual train with the same check in tests/e2e/test_recipes.py (the tiny recipe, 20
+# steps, the loss falls) and mhc on an indexed corpus in the tiny example test below.
+@pytest.mark.parametrize("variant", ["hc", "mhc-lite"])
 def test_each_variant_trains_and_loss_falls(variant, byte_corpus, tmp_path):
     args = [
         *TINY_MOE, "--mhc-variant", variant, "--data-path", byte_corpus, "--split", "100,0,0",
@@ -67,8 +69,7 @@ def test_each_variant_trains_and_loss_falls(variant, byte_corpus, tmp_path):
     first = sum(curve[i] for i in range(1, 6)) / 5
     last = sum(curve[i] for i in range(16, 21)) / 5
     assert last < first - 0.3, curve
-    if variant != "residual":
-        assert "hyper_connection" in text or "MHCTransformerLayer" in text
+    assert "hyper_connection" in text or "MHCTransformerLayer" in text
 
 
 def test_torch_dist_save_and_resume(tmp_path):

@@ -14,13 +14,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from mhc_megatron.processes import kill_tree
-from tests.launching import REPO_ROOT, TINY_MOE, launch, losses, start, step_losses
+from tests.launching import REPO_ROOT, TINY_MOE, launch, losses, step_losses
 
 SCRIPT = REPO_ROOT / "pretrain_mhc.py"
 RUN_FLAGS = [  # the tiny model, resumable every 3 steps
@@ -46,6 +45,8 @@ def reference(tmp_path_factory):
     text = _run(args, work / "run.log")
     curve = step_losses(text)
     assert sorted(curve) == list(range(1, 7))
+    # The run held the --save lock (the file keeps its holder's line after the lock goes).
+    assert "pid" in (ckpt / "mhc_run.lock").read_text()
     return ckpt, curve
 
 
@@ -325,20 +326,31 @@ def test_resuming_with_more_iterations_says_which_flag_extends_a_run(reference, 
 
 
 def test_a_second_run_on_the_same_save_dir_is_refused(tmp_path):
+    """While another process holds the --save lock (a training run takes it: see the
+    ``reference`` fixture), a run on the same directory is refused, naming the holder."""
     ckpt = tmp_path / "ckpt"
-    common = [*RUN_FLAGS, "--mock-data", "--save", str(ckpt), "--load", str(ckpt)]
-    with open(tmp_path / "first.log", "w") as out:
-        first = start(SCRIPT, 1, [*common, "--train-iters", "100000"], out)
+    holder_script = (
+        "import sys, time\n"
+        "from mhc_megatron.training.run_lock import RunLock\n"
+        "lock = RunLock(sys.argv[1])\n"
+        "lock.acquire()  # held while the object lives\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", holder_script, str(ckpt)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        lock = ckpt / "mhc_run.lock"
-        deadline = time.time() + 120
-        while not (lock.is_file() and "pid" in lock.read_text()) and time.time() < deadline:
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.5)
-        holder = lock.read_text().strip()
+        assert holder.stdout.readline().strip() == "held"
+        holding = (ckpt / "mhc_run.lock").read_text().strip()
+        assert f"pid {holder.pid}" in holding
+        common = [*RUN_FLAGS, "--mock-data", "--save", str(ckpt), "--load", str(ckpt)]
         text = _run([*common, "--train-iters", "5"], tmp_path / "second.log", expect_rc=1)
-        assert "another run is using --save" in text and holder in text
+        assert "another run is using --save" in text and holding in text
         assert FIRST_STEP not in text
     finally:
-        kill_tree(first)
-        first.wait()
+        kill_tree(holder)
+        holder.wait()

@@ -155,28 +155,10 @@ def test_slurm_local_cluster_stops_what_it_started(tmp_path):
     bystander.wait()
 
 
-def test_slurm_two_nodes_train_and_save(cluster, tmp_path):
-    """One rank on each of two nodes trains 4 steps and both save their checkpoint shard."""
-    out_dir, log = tmp_path / "run", tmp_path / "job.log"
-    proc, job_id = _submit(cluster, out_dir, log, ["--train-iters", "4", "--save-interval", "4"])
-    rc, text = _finish(cluster, proc, job_id, log)
-    assert rc == 0, _tail(log)
-    # One task per node, and torchrun's c10d rendezvous on n1 joined them into one world.
-    assert "node n1: node rank 0 of 2, rendezvous n1:" in text
-    assert "node n2: node rank 1 of 2, rendezvous n1:" in text
-    assert "using world size: 2, data-parallel size: 2" in text
-    assert sorted(losses(text)) == [1, 2, 3, 4]
-    checkpoints = out_dir / "checkpoints"
-    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    # torch_dist writes one shard file per rank: both ranks reached the save.
-    shards = sorted(p.name for p in (checkpoints / "iter_0000004").glob("*.distcp"))
-    assert shards == ["__0_0.distcp", "__1_0.distcp"]
-    assert "training finished" in text and "requeueing" not in text
-
-
 def test_slurm_usr1_saves_requeues_and_resumes(cluster, tmp_path):
-    """B:USR1 (what --signal=B:USR1@600 sends before the time limit) makes both ranks save at
-    the next step and exit; the job requeues itself, resumes from that step and finishes."""
+    """Two nodes, one rank each, train as one world; B:USR1 (what --signal=B:USR1@600 sends
+    before the time limit) makes both ranks save at the next step and exit; the job requeues
+    itself, resumes from that step and finishes, saving a shard per rank each time."""
     train_iters = 40
     out_dir, log = tmp_path / "run", tmp_path / "job.log"
     proc, job_id = _submit(
@@ -214,6 +196,10 @@ def test_slurm_usr1_saves_requeues_and_resumes(cluster, tmp_path):
     assert len(saved) == 1, saved
     k = int(saved[0])
     assert 3 <= k < train_iters
+    # One task per node, and torchrun's c10d rendezvous on n1 joined them into one world.
+    assert "node n1: node rank 0 of 2, rendezvous n1:" in first
+    assert "node n2: node rank 1 of 2, rendezvous n1:" in first
+    assert "using world size: 2, data-parallel size: 2" in first
     assert "batch script got SIGUSR1" in first
     assert "exiting program after receiving SIGTERM" in first
     assert max(losses(first)) == k  # it stopped right after the save
@@ -227,5 +213,6 @@ def test_slurm_usr1_saves_requeues_and_resumes(cluster, tmp_path):
     assert "training finished" in second
     checkpoints = out_dir / "checkpoints"
     assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "40"
-    shards = sorted(p.name for p in (checkpoints / f"iter_{k:07d}").glob("*.distcp"))
-    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # both ranks saved at step k
+    for iteration in (k, train_iters):  # torch_dist writes one shard per rank: both saved
+        shards = sorted(p.name for p in (checkpoints / f"iter_{iteration:07d}").glob("*.distcp"))
+        assert shards == ["__0_0.distcp", "__1_0.distcp"], iteration
