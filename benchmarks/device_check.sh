@@ -136,7 +136,9 @@ if torch.cuda.is_available():
 print(json.dumps(info))
 EOF
 
-stage kernel_tests "${LIMITS[0]}" "$PYTHON" -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" \
+# -o addopts=: pyproject's addopts name pytest-xdist, which the GPU machine does not have.
+stage kernel_tests "${LIMITS[0]}" "$PYTHON" -m pytest -q -o addopts= -p no:cacheprovider \
+  "${KERNEL_TESTS[@]}" \
   tests/kernels/test_kernels_mix.py tests/kernels/test_kernels_coefficients.py \
   tests/kernels/test_kernels_site.py \
   tests/kernels/test_kernels_chain.py

@@ -38,7 +38,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: launches or trains (left out by -m 'not slow')")
 
 
+# The longest modules start first: pytest-xdist hands out whole modules in collection order, and
+# one started last would run alone at the end.
+LONGEST_FIRST = ("test_parallel_layouts.py", "test_run_safety.py", "test_pretrain_mhc.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: order kept
     for item in items:
         if item.path.name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
