@@ -67,6 +67,16 @@ def add_mhc_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def mhc_transformer_config_from_args(args) -> MHCTransformerConfig:
-    """Megatron's TransformerConfig from the parsed args, as MHC(MLA)TransformerConfig."""
-    base = core_transformer_config_from_args(args)
-    return to_mhc_config(base, **{f.name: getattr(args, f.name) for f in mhc_fields()})
+    """Megatron's TransformerConfig from the parsed args, as MHC(MLA)TransformerConfig.
+
+    Built (and validated) once: Megatron's builder takes the mHC class and reads its mhc_*
+    fields from the args. With --multi-latent-attention (or heterogeneous layers) Megatron
+    swaps in its own class whatever it is given, so that config is rebuilt as the mHC one.
+
+    Args:
+        args: Megatron's parsed arguments, with the ``--mhc-*`` flags.
+    """
+    if args.multi_latent_attention or getattr(args, "heterogeneous_layers_config_path", None):
+        base = core_transformer_config_from_args(args)
+        return to_mhc_config(base, **{f.name: getattr(args, f.name) for f in mhc_fields()})
+    return core_transformer_config_from_args(args, config_class=MHCTransformerConfig)
