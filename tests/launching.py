@@ -73,9 +73,9 @@ def child_env(**overrides: str) -> dict[str, str]:
     """The environment for a script that launches training (examples/*.sh) from a test.
 
     Without TRITON_INTERPRET (conftest.py sets it for the kernel tests) and without MASTER_ADDR /
-    MASTER_PORT: the in-process CPU-mode tests (tests/megatron/conftest.py's fixture) set them for
-    this process's own process group, whose store still listens there, and a script that honours
-    MASTER_PORT would rendezvous on that port and fail with EADDRINUSE (seen twice).
+    MASTER_PORT: a rendezvous the test session inherited (a torchrun or SLURM job around it) may
+    still be listening there, and a script that honours MASTER_PORT would rendezvous on that
+    port and fail with EADDRINUSE (seen twice, when the in-process tests still set them).
     """
     dropped = ("TRITON_INTERPRET", "MASTER_ADDR", "MASTER_PORT")
     return {k: v for k, v in os.environ.items() if k not in dropped} | overrides

@@ -2,11 +2,9 @@
 of size 1). On a machine with a GPU these modules run in a child pytest instead
 (``tests/e2e/test_cpu_mode_modules.py``): CPU mode refuses once CUDA is initialised."""
 
-import os
-
 import pytest
 
-from mhc_megatron.processes import free_port
+from mhc_megatron.processes import init_single_rank
 from mhc_megatron.training.cpu import enable_cpu_mode
 
 
@@ -17,12 +15,7 @@ def single_rank():
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    created = not dist.is_initialized()
-    if created:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
+    created = init_single_rank("gloo")
     model_parallel_cuda_manual_seed(123)
     yield
     parallel_state.destroy_model_parallel()
