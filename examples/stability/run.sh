@@ -10,6 +10,7 @@
 #   ITERS [200]  LR [3e-3]  WARMUP [10]  INIT [paper]  GATING [0.01]  SEED [1234]
 #   MOE [0]    1: a small MoE (4 experts, top-2, every layer but the first)
 #   BATCHES [8]  batches of MBS sequences the report averages over
+#   JOBS [1]   checkpoints the report measures at a time (one process each)
 #   OUT_DIR [runs/stability]  per variant VARIANT/{checkpoints,tensorboard,train.log}; report/
 #   PYTHON     interpreter (default .venv/bin/python if present, else python3)
 #   MASTER_PORT  rendezvous port (default: a free one)
@@ -20,7 +21,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 : "${VARIANTS:=residual hc mhc}" "${LAYERS:=24}" "${HIDDEN:=64}" "${HEADS:=4}" "${STREAMS:=4}"
 : "${SEQ:=64}" "${MBS:=4}" "${ITERS:=200}" "${LR:=3e-3}" "${WARMUP:=10}" "${INIT:=paper}"
-: "${GATING:=0.01}" "${SEED:=1234}" "${MOE:=0}" "${BATCHES:=8}"
+: "${GATING:=0.01}" "${SEED:=1234}" "${MOE:=0}" "${BATCHES:=8}" "${JOBS:=1}"
 OUT_DIR="${OUT_DIR:-$ROOT/runs/stability}"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
@@ -81,6 +82,6 @@ done
 # 3. The report: JSON per run, stability.json and stability.png in $OUT_DIR/report.
 start=$SECONDS
 "$PYTHON" "$ROOT/tools/stability_report.py" report "${RUNS[@]}" --out-dir "$OUT_DIR/report" \
-  --batches "$BATCHES" --micro-batch-size "$MBS" \
+  --batches "$BATCHES" --micro-batch-size "$MBS" --jobs "$JOBS" \
   --title "amax gain, $LAYERS layers x hidden $HIDDEN, n = $STREAMS, $ITERS iterations at lr $LR"
 echo "   report in $((SECONDS - start)) s"

@@ -54,6 +54,12 @@ torch.cuda entry points Megatron calls (replaced on ``torch.cuda``):
       gloo (with a printed note when it was something else).
     * ``_warmup_jit_function`` (``initialize.py:497``) warms CUDA fusion kernels; on CPU it only
       makes torch.compile/inductor build C++ kernels (about 10 s on a cold cache): skipped.
+* ``core/jit.py:21`` makes ``jit_fuser`` ``torch.compile``, and importing Megatron decorates
+  about 25 functions with it (``moe/router.py:918`` with ``torch.compile`` itself); the first
+  decoration imports dynamo and inductor, about 1.6 s of every process's start-up, for fusions
+  the CPU flags turn off or that would build C++ kernels. Megatron is imported with
+  ``torch.compile`` passing functions through, then ``jit.disable_jit_fuser()`` (as Megatron's
+  own switch leaves them): they run as plain PyTorch. ``torch.compile`` is restored after.
 * ``datasets/utils.py:20-30`` ``compile_helpers`` runs ``make``; the wheel has no Makefile but
   ships the compiled ``helpers_cpp``: replaced by an import check.
 * ``training/arguments.py:1414`` ``get_device_arch_version()`` reads GPU 0's properties (when TP
@@ -124,6 +130,7 @@ import importlib
 import importlib.metadata
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -177,6 +184,7 @@ def enable_cpu_mode() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # also hides GPUs from child processes
         # Megatron first (importing it decorates functions with torch.compile, whose rule
         # tables must see the original torch.cuda), then torch.cuda, then the device mode.
+        _import_megatron_uncompiled()
         _patch_initialize()
         _patch_compile_helpers()
         _patch_arguments()
@@ -374,6 +382,25 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
 # --------------------------------------------------------------------------------------------
 # Megatron patches
 # --------------------------------------------------------------------------------------------
+
+
+def _import_megatron_uncompiled() -> None:
+    """Import Megatron with its fusions left as plain functions (module docstring, jit.py)."""
+    if "megatron.core" in sys.modules:  # decorated already: nothing left to save
+        return
+    compile_ = torch.compile
+
+    def leave_uncompiled(model=None, **options):
+        return model if model is not None else (lambda function: function)
+
+    torch.compile = leave_uncompiled
+    try:
+        from megatron.core import jit
+
+        jit.disable_jit_fuser()  # modules imported later decorate with a no-op too
+        import megatron.training.training  # noqa: F401  (the rest of what pretrain() imports)
+    finally:
+        torch.compile = compile_
 
 
 def _patch_initialize() -> None:
