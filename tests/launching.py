@@ -40,7 +40,7 @@ def start(script: Path, nproc: int, args: list[str], out) -> subprocess.Popen:
     torchrun's own start-up (about 2 s of a launch here); the example scripts' torchrun launches
     are tested as they are (tests/e2e/test_pretrain_mhc.py, test_slurm.py).
     """
-    env = child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = child_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     port = str(free_port())
     if nproc == 1:
@@ -78,7 +78,11 @@ def child_env(**overrides: str) -> dict[str, str]:
     port and fail with EADDRINUSE (seen twice, when the in-process tests still set them).
     """
     dropped = ("TRITON_INTERPRET", "MASTER_ADDR", "MASTER_PORT")
-    return {k: v for k, v in os.environ.items() if k not in dropped} | overrides
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    # One thread per rank unless the session says otherwise: the examples default to a thread
+    # per core, and two test workers' ranks on those cores would spin against each other.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env | overrides
 
 
 losses = megatron_log.losses  # {iteration: lm loss} of a launch's log

@@ -29,9 +29,9 @@ its own; the extended one still compares every step with the single rank:
   SequentialMLP checkpoint and train the same; one of them saves, and its checkpoint resumes as
   SequentialMLP on one rank.
 
-Checkpoints resume across layouts in three pairs (one rank into TP2 + SP + PP2; TP2 + SP + PP2
-into EP2; grouped experts under TP2 + SP + EP2 into SequentialMLP on one rank), and in the same
-layout bitwise.
+Checkpoints resume across layouts: one rank into each layout (every layout run loads the
+one-rank ``initial``, optimizer state included), TP2 + SP + PP2 into EP2, grouped experts under
+TP2 + SP + EP2 into SequentialMLP on one rank, and in the same layout bitwise.
 
 Compared per step, from TensorBoard (float32 values, not the 4-7 digits of the log lines):
 ``lm loss`` and ``grad-norm``.
@@ -362,10 +362,9 @@ def test_resume_in_the_same_layout_is_bitwise(moe):
 @pytest.mark.parametrize(
     "saved_by, resumed_as",
     [
-        # One rank into TP2 + SP + PP2, and that layout's checkpoint into EP2. The reverse
-        # directions are not run: many shards into one rank is the grouped pair below, and
-        # loading into TP2 + SP + PP2 is the first pair.
-        ("single_rank", "tp2_pp2"),
+        # TP2 + SP + PP2's checkpoint into EP2. One rank into every layout is what each layout
+        # run does (it loads the one-rank ``initial``, optimizer state included); many shards
+        # into one rank is the grouped pair below.
         ("tp2_pp2", "ep2_alltoall"),
         # grouped-GEMM experts' checkpoint into SequentialMLP, from EP2 + ETP2 to one rank
         ("tp2_sp_ep2_grouped_mhc_recompute_2", "single_rank"),
@@ -375,8 +374,8 @@ def test_checkpoint_resumes_in_another_layout(saved_by, resumed_as, moe, layout_
     """Saved at iteration 3 in one layout, resumed in another: step 4 continues the saving run's
     curve (to the layout tolerance: the two layouts add in different orders)."""
     work, _, reference = moe
-    saver = reference if saved_by == "single_rank" else layout_runs(saved_by)
-    load = work / ("ref_ckpt" if saved_by == "single_rank" else f"{saved_by}_ckpt")
+    saver = layout_runs(saved_by)
+    load = work / f"{saved_by}_ckpt"
     nproc, layout = (1, []) if resumed_as == "single_rank" else LAYOUTS[resumed_as]
     name = f"resume_{resumed_as}_from_{saved_by}"
     resumed = _resume(work, name, nproc, TINY_MOE_MHC, layout, load, step=3)
