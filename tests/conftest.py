@@ -38,13 +38,36 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: launches or trains (left out by -m 'not slow')")
 
 
-# The longest modules start first: pytest-xdist hands out whole modules in collection order, and
-# one started last would run alone at the end.
-LONGEST_FIRST = ("test_parallel_layouts.py", "test_run_safety.py", "test_pretrain_mhc.py")
+# The longest modules start first (seconds on two workers, measured 2026-12-05), then the rest
+# in collection order: pytest-xdist hands a free worker the next whole module in this order
+# (pyproject's --no-loadscope-reorder; by default it orders by the number of tests), and a long
+# one started last would run alone at the end. A stale order costs balance, nothing else.
+LONGEST_FIRST = (
+    "test_parallel_layouts.py",  # 277
+    "test_run_safety.py",  # 158
+    "test_pretrain_mhc.py",  # 78
+    "test_device_check.py",  # 76
+    "test_docker_image.py",  # 75
+    "test_slurm.py",  # 68
+    "test_kernels_chain.py",  # 59
+    "test_stability.py",  # 58
+    "test_recipes.py",  # 45
+    "test_sweep_end_to_end.py",  # 44
+    "test_cpu_mode.py",  # 42
+    "test_kernels_site.py",  # 25
+    "test_bench_mhc_site.py",  # 23
+    "test_bench_traffic.py",  # 18
+    "test_stream_recompute.py",  # 17
+    "test_kernels_coefficients.py",  # 17
+)
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: order kept
+    def start_order(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=start_order)  # stable: the order within a module and among the rest is kept
     for item in items:
         if item.path.name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)

@@ -20,10 +20,17 @@ LEVEL = "document"
 
 
 def quiet_megatron_import() -> None:
-    """Import megatron-core's indexed dataset module without its GPU-related import warnings."""
+    """Import megatron-core's indexed dataset module quietly and quickly.
+
+    Without its GPU-related import warnings, and without compiling its fusions
+    (``mhc_megatron/megatron_import.py``).
+    """
+    from mhc_megatron.megatron_import import import_megatron_uncompiled
+
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        import_megatron_uncompiled()
         import megatron.core.datasets.indexed_dataset  # noqa: F401
 
 

@@ -54,12 +54,9 @@ torch.cuda entry points Megatron calls (replaced on ``torch.cuda``):
       gloo (with a printed note when it was something else).
     * ``_warmup_jit_function`` (``initialize.py:497``) warms CUDA fusion kernels; on CPU it only
       makes torch.compile/inductor build C++ kernels (about 10 s on a cold cache): skipped.
-* ``core/jit.py:21`` makes ``jit_fuser`` ``torch.compile``, and importing Megatron decorates
-  about 25 functions with it (``moe/router.py:918`` with ``torch.compile`` itself); the first
-  decoration imports dynamo and inductor, about 1.6 s of every process's start-up, for fusions
-  the CPU flags turn off or that would build C++ kernels. Megatron is imported with
-  ``torch.compile`` passing functions through, then ``jit.disable_jit_fuser()`` (as Megatron's
-  own switch leaves them): they run as plain PyTorch. ``torch.compile`` is restored after.
+* ``core/jit.py:21``: Megatron is imported with its ``torch.compile`` fusions left as plain
+  PyTorch, which the CPU flags turn off anyway (``mhc_megatron/megatron_import.py``, 1.6 s of
+  each process's start-up).
 * ``datasets/utils.py:20-30`` ``compile_helpers`` runs ``make``; the wheel has no Makefile but
   ships the compiled ``helpers_cpp``: replaced by an import check.
 * ``training/arguments.py:1414`` ``get_device_arch_version()`` reads GPU 0's properties (when TP
@@ -91,17 +88,9 @@ torch.cuda entry points Megatron calls (replaced on ``torch.cuda``):
   drew different dropout masks than an uninterrupted one: loaders get their own generator
   (seeded with ``--seed``), and ``pin_memory`` is turned off (no accelerator to pin for).
   With it, resuming from a checkpoint reproduces an uninterrupted run exactly.
-* Distributed optimizer with torch's Adam (no apex/TE, as always on CPU; these are not CPU
-  bugs, a GPU without apex/TE has them too):
-  ``distrib_optimizer.py:837-839`` ``state_dict()`` asserts one ``step`` among the per-parameter
-  states, which torch's Adam only creates at its first step, so loading a checkpoint into a fresh
-  optimizer failed: an empty state gives the layout of ``:865-883`` with step 0 (replaced by the
-  loaded value). ``:1223-1225`` copies loaded values into fp32 main parameters, which are views
-  of leaf parameters, outside ``no_grad`` (error), and copies the load template's placeholder
-  ``step`` over the loaded one (``:1953-1957`` makes it a non-persistent object): runs under
-  ``no_grad`` and skips ``step``, which ``load_state_dict`` restores from the param groups
-  (``:1024-1031``). ``:1030-1031`` gives every parameter the same ``step`` tensor, which Adam
-  then increments once per parameter: each parameter gets its own copy after loading.
+* Distributed optimizer with torch's Adam (no apex/TE, as always on CPU; not CPU bugs, a GPU
+  without apex/TE has them too): loading a checkpoint into a fresh optimizer, the loaded
+  ``step`` and its sharing between parameters (``cpu_distributed_optimizer.py``).
 
 Not patched: the distributed optimizer's ``fully_sharded_model_space`` checkpoint format fails
 with "ShardedTensor.flattened_range is not supported" on any device: 0.19.2's
@@ -130,7 +119,6 @@ import importlib
 import importlib.metadata
 import logging
 import os
-import sys
 import threading
 import time
 import warnings
@@ -140,6 +128,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from mhc_megatron.megatron_import import import_megatron_uncompiled
+from mhc_megatron.training import cpu_distributed_optimizer
 from mhc_megatron.training.cpu_settings import CPU_CONFIG, CPU_FLAGS, with_cpu_flags
 
 SUPPORTED_MEGATRON_CORE_VERSION = "0.19.2"
@@ -184,7 +174,7 @@ def enable_cpu_mode() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # also hides GPUs from child processes
         # Megatron first (importing it decorates functions with torch.compile, whose rule
         # tables must see the original torch.cuda), then torch.cuda, then the device mode.
-        _import_megatron_uncompiled()
+        import_megatron_uncompiled()
         _patch_initialize()
         _patch_compile_helpers()
         _patch_arguments()
@@ -384,25 +374,6 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
 # --------------------------------------------------------------------------------------------
 
 
-def _import_megatron_uncompiled() -> None:
-    """Import Megatron with its fusions left as plain functions (module docstring, jit.py)."""
-    if "megatron.core" in sys.modules:  # decorated already: nothing left to save
-        return
-    compile_ = torch.compile
-
-    def leave_uncompiled(model=None, **options):
-        return model if model is not None else (lambda function: function)
-
-    torch.compile = leave_uncompiled
-    try:
-        from megatron.core import jit
-
-        jit.disable_jit_fuser()  # modules imported later decorate with a no-op too
-        import megatron.training.training  # noqa: F401  (the rest of what pretrain() imports)
-    finally:
-        torch.compile = compile_
-
-
 def _patch_initialize() -> None:
     import megatron.training
     import megatron.training.training
@@ -580,43 +551,7 @@ def _patch_data_loader() -> None:
 
 
 def _patch_distributed_optimizer() -> None:
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    dist_opt = distrib_optimizer.DistributedOptimizer
-    orig_state_dict = dist_opt.state_dict
-    orig_set_states = dist_opt._set_main_param_and_optimizer_states
-    orig_load_state_dict = dist_opt.load_state_dict
-
-    @functools.wraps(orig_state_dict)
-    def state_dict(self):
-        if len(self.optimizer.state) > 0 or self.ddp_config.use_megatron_fsdp:
-            return orig_state_dict(self)
-        inner_state_dict = self.optimizer.state_dict()
-        result = {"optimizer": {k: v for k, v in inner_state_dict.items() if k != "state"}}
-        for param_group in result["optimizer"]["param_groups"]:
-            del param_group["params"]
-            param_group["step"] = 0  # no step taken yet; loading replaces it
-        if self.grad_scaler:
-            result["grad_scaler"] = self.grad_scaler.state_dict()
-        return result
-
-    @functools.wraps(orig_set_states)
-    @torch.no_grad()
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        return orig_set_states(self, model_param, {**tensors, "step": None})
-
-    @functools.wraps(orig_load_state_dict)
-    def load_state_dict(self, state_dict):
-        orig_load_state_dict(self, state_dict)
-        for param_state in self.optimizer.state.values():
-            if torch.is_tensor(param_state.get("step")):
-                param_state["step"] = param_state["step"].clone()
-
-    _patch(dist_opt, "state_dict", state_dict)
-    _patch(dist_opt, "_set_main_param_and_optimizer_states", _set_main_param_and_optimizer_states)
-    _patch(dist_opt, "load_state_dict", load_state_dict)
+    cpu_distributed_optimizer.install(_patch)
     # optimizer.py:68 reads .grad of fp32 parameter-shard views (non-leaf); torch warns, and the
     # warning would be attributed to _CudaToCpuMode's frame in this module.
     warnings.filterwarnings(
