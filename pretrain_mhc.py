@@ -10,10 +10,9 @@ Manager, which re-imports this script.
 import os
 import sys
 
+from mhc_megatron.processes import skip_final_collection
 from mhc_megatron.training import known_warnings
-
-# Nothing heavier at module level: the first torch_dist save spawns a multiprocessing Manager,
-# which re-imports this script, and torch alone would cost it more than a second.
+from mhc_megatron.training.cpu import enable_cpu_mode, with_cpu_flags
 
 LOG_FILE_ENV = "MHC_LOG_FILE"  # set by examples/*/*.sh, which keep the output in $OUT_DIR/logs
 
@@ -34,8 +33,6 @@ def main() -> None:
             raise
         _fail(error)
     finally:
-        from mhc_megatron.processes import skip_final_collection
-
         skip_final_collection()  # about 1 s of each rank's exit
 
 
@@ -47,8 +44,6 @@ def _fail(error: Exception) -> None:
 def train() -> None:
     """Parse the arguments, check the run, and run Megatron's pretrain() on the mHC GPT model."""
     if "--cpu" in sys.argv:
-        from mhc_megatron.training.cpu import enable_cpu_mode, with_cpu_flags
-
         # Before parsing: validating tensor-parallel arguments already queries the GPU.
         enable_cpu_mode()
         sys.argv = with_cpu_flags(sys.argv)  # the local modules, no GPU fusions (cpu_settings.py)

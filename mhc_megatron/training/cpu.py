@@ -172,8 +172,9 @@ def enable_cpu_mode() -> None:
                 "initialized in this process: call it first thing in the launcher."
             )
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # also hides GPUs from child processes
-        # Megatron first (importing it decorates functions with torch.compile, whose rule
-        # tables must see the original torch.cuda), then torch.cuda, then the device mode.
+        # Megatron first, with its fusions left uncompiled (megatron_import.py; imported
+        # earlier, its torch.compile decorations saw the original torch.cuda), then torch.cuda,
+        # then the device mode.
         import_megatron_uncompiled()
         _patch_initialize()
         _patch_compile_helpers()

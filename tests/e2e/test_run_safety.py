@@ -8,7 +8,7 @@ check in ``run_checks.check_run``, an mHC setting refused by ``MHCTransformerCon
 are launched and must exit 1 with ``error: <message>`` before the first step. The other seven
 fail in the same ``check_run`` before Megatron starts, so they run in this process: the same
 flags through Megatron's parser, then what ``pretrain_mhc.py`` calls before ``pretrain()``, and
-the same message. (A launch costs ~7 s of start-up each.)"""
+the same message. (A launch costs about 5 s of start-up and exit each.)"""
 
 import re
 import shutil
