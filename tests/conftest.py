@@ -30,7 +30,7 @@ SLOW_MODULES = (
     "test_stability.py", "test_sweep_end_to_end.py", "test_device_check.py", "test_cpu_mode.py",
     "test_cpu_mode_modules.py", "test_recipes.py", "test_bench_recompute.py",
     "test_bench_step.py", "test_bench_mhc_site.py", "test_bench_traffic.py",
-    "test_kernels_chain.py", "test_docker_image.py",
+    "test_kernels_chain.py", "test_docker_image.py", "test_bench_startup.py",
 )  # fmt: skip
 
 
@@ -59,6 +59,7 @@ LONGEST_FIRST = (
     "test_bench_traffic.py",  # 18
     "test_stream_recompute.py",  # 17
     "test_kernels_coefficients.py",  # 17
+    "test_bench_startup.py",  # 16
 )
 
 
