@@ -33,7 +33,7 @@ def main() -> None:
             raise
         _fail(error)
     finally:
-        skip_final_collection()  # about 1 s of each rank's exit
+        skip_final_collection()  # the exit's last collection (bench_startup.py)
 
 
 def _fail(error: Exception) -> None:

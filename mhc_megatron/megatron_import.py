@@ -2,11 +2,11 @@
 
 ``megatron/core/jit.py:21`` (megatron-core 0.19.2) makes ``jit_fuser`` ``torch.compile``, and
 importing Megatron-Core decorates about 25 functions with it (``moe/router.py:918`` with
-``torch.compile`` itself). The first decoration imports dynamo and inductor: about 1.6 s of each
-process's start-up on a 2-core machine. CPU mode (``training/cpu.py``: its flags turn the
-fusions off, and on CPU they would only build C++ kernels) and the data tool (which only writes
-indexed datasets) import Megatron through :func:`import_megatron_uncompiled` instead. A GPU
-run imports Megatron as it is.
+``torch.compile`` itself). The first decoration imports dynamo and inductor. Uncompiled, a
+process that loads Megatron starts and exits in 0.62x the time (``benchmarks/bench_startup.py``).
+CPU mode (``training/cpu.py``: its flags turn the fusions off, and on CPU they would only build
+C++ kernels) and the data tool (which only writes indexed datasets) import Megatron through
+:func:`import_megatron_uncompiled` instead. A GPU run imports Megatron as it is.
 """
 
 import sys

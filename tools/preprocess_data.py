@@ -16,5 +16,5 @@ from mhc_megatron.processes import skip_final_collection
 
 if __name__ == "__main__":
     exit_code = main()
-    skip_final_collection()  # about 1 s of the exit, with torch and Megatron loaded
+    skip_final_collection()  # the exit's last collection (bench_startup.py)
     sys.exit(exit_code)

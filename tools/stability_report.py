@@ -549,5 +549,5 @@ if __name__ == "__main__":
     exit_code = main()
     from mhc_megatron.processes import skip_final_collection
 
-    skip_final_collection()  # about 1 s of each measuring process's exit
+    skip_final_collection()  # the exit's last collection (bench_startup.py)
     sys.exit(exit_code)

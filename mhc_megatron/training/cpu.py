@@ -55,8 +55,8 @@ torch.cuda entry points Megatron calls (replaced on ``torch.cuda``):
     * ``_warmup_jit_function`` (``initialize.py:497``) warms CUDA fusion kernels; on CPU it only
       makes torch.compile/inductor build C++ kernels (about 10 s on a cold cache): skipped.
 * ``core/jit.py:21``: Megatron is imported with its ``torch.compile`` fusions left as plain
-  PyTorch, which the CPU flags turn off anyway (``mhc_megatron/megatron_import.py``, 1.6 s of
-  each process's start-up).
+  PyTorch, which the CPU flags turn off anyway (``mhc_megatron/megatron_import.py``; 0.62x
+  the start-up and exit of a process that loads Megatron, ``benchmarks/bench_startup.py``).
 * ``datasets/utils.py:20-30`` ``compile_helpers`` runs ``make``; the wheel has no Makefile but
   ships the compiled ``helpers_cpp``: replaced by an import check.
 * ``training/arguments.py:1414`` ``get_device_arch_version()`` reads GPU 0's properties (when TP
